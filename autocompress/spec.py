@@ -1,0 +1,278 @@
+"""The search spec: one YAML file that says what to compress, on which data, how to search and measure.
+
+Loaded with ``yaml.safe_load``, validated in full (pydantic) before any work starts. Every error names the
+key path, the value received and the fix. ``--set key.path=value`` overrides keys (values are parsed as
+YAML scalars); ``trials``, ``seed`` and ``sampler`` are shortcuts for ``search.*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, close_matches
+
+DEFAULT_MODEL = "default"  # the packaged sentence-transformers/all-MiniLM-L6-v2
+SHORTCUTS = {"trials": "search.trials", "seed": "search.seed", "sampler": "search.sampler", "study": "study"}
+BASE_OBJECTIVES = {
+    "accuracy": "maximize",
+    "f1": "maximize",
+    "mcc": "maximize",
+    "size_mb": "minimize",
+    "params": "minimize",
+    "flops": "minimize",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(DEFAULT_MODEL, description="'default' (packaged all-MiniLM-L6-v2), a local HF model directory or a hub id")
+    max_length: int = Field(128, ge=8, le=4096, description="tokenizer truncation length")
+    trust_remote_code: bool = Field(False, description="allow custom model code from the hub (never implied)")
+
+
+class DataSpec(_Strict):
+    path: str | None = Field(None, description="local directory or file with the task data (relative to the working directory)")
+    hub_id: str | None = Field(None, description="a datasets hub id (e.g. 'nyu-mll/glue'), for online use")
+    hub_config: str | None = Field(None, description="hub dataset config (e.g. 'sst2')")
+    format: Literal["auto", "tsv", "csv", "json", "jsonl"] = "auto"
+    train_split: str = "train"
+    eval_split: str = Field("dev", description="held-out split the report evaluates on ('dev' file, or 'validation' on the hub)")
+    text_columns: list[str] | None = Field(None, description="one or two text columns; detected from GLUE layouts if unset")
+    label_column: str | None = Field(None, description="label column; detected ('label') if unset")
+    labels: list[Union[int, str]] | None = Field(None, description="the label set, in class-index order; inferred if unset")
+    validation_size: float = Field(2000, gt=0, description="examples carved (seeded) from train to select on; a fraction if < 1")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on training examples after carving validation")
+    max_eval_examples: int | None = Field(None, ge=1, description="cap on held-out evaluation examples")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if self.path is None and self.hub_id is None:
+            raise ValueError("set data.path (a local directory or file) or data.hub_id (a datasets hub id); use --data PATH on the command line")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(f"data.text_columns takes one or two column names, got {self.text_columns!r}")
+        return self
+
+
+class TrainSpec(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+
+
+class RecoverySpec(_Strict):
+    steps: int = Field(100, ge=0, description="recovery fine-tuning steps per trial (0 = none)")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+class MeasurementSpec(_Strict):
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    batch_sizes: list[int] = Field([32, 1], min_length=1)
+    latency_examples: int = Field(256, ge=1, description="evaluation sentences timed per batch size (fixed sample)")
+    warmup: int = Field(1, ge=0, description="untimed passes before timing")
+    repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads while timing (default: all cores)")
+    flops_seq_len: int | None = Field(None, ge=1, description="sequence length for FLOPs (default: mean evaluation length)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _bs(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"batch sizes must be >= 1, got {v}")
+        return list(dict.fromkeys(v))
+
+
+class ObjectiveSpec(_Strict):
+    name: str
+    direction: Literal["maximize", "minimize"] | None = None
+
+
+class TechniqueSpec(_Strict):
+    enabled: Union[bool, Literal["search"]] = "search"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    seed: int = 0
+    trials: int = Field(20, ge=1)
+    population_size: int | None = Field(None, ge=2, description="NSGA-II population (default: min(20, trials))")
+    storage: str | None = Field(None, description="Optuna storage URL; default: SQLite in the study folder")
+    keep_models: Literal["front", "all", "none"] = Field("front", description="which trial models stay on disk")
+
+
+class ConstraintSpec(_Strict):
+    max_accuracy_drop: float | None = Field(None, ge=0, description="points of accuracy below the baseline")
+    max_latency_ms: float | None = Field(None, gt=0, description="ms per example at the first measured batch size")
+    max_size_mb: float | None = Field(None, gt=0)
+
+
+class Spec(_Strict):
+    study: str = Field(..., min_length=1)
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
+    baseline: TrainSpec = Field(default_factory=TrainSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    measurement: MeasurementSpec = Field(default_factory=MeasurementSpec)
+    objectives: list[Union[str, ObjectiveSpec]] = Field(
+        default_factory=lambda: ["accuracy", "latency_bs32", "size_mb"], min_length=1
+    )
+    techniques: dict[str, TechniqueSpec] = Field(..., min_length=1)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    constraints: ConstraintSpec = Field(default_factory=ConstraintSpec)
+    seed: int = Field(0, description="seed for data carving and training")
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or ".." in v:
+            raise ValueError(
+                f"study name {v!r} must be letters, digits, '.', '_' or '-' (no path separators, no '..'), "
+                "because it names a folder under the results directory"
+            )
+        return v
+
+    def objective_list(self) -> list[tuple[str, str]]:
+        """``(name, direction)`` for each objective, validated against what can be measured."""
+        known = dict(BASE_OBJECTIVES)
+        for bs in self.measurement.batch_sizes:
+            known[f"latency_bs{bs}"] = "minimize"
+        out: list[tuple[str, str]] = []
+        for i, obj in enumerate(self.objectives):
+            name, direction = (obj, None) if isinstance(obj, str) else (obj.name, obj.direction)
+            if name not in known:
+                hint = close_matches(name, list(known))
+                raise SpecError(
+                    f"objectives[{i}]: unknown objective {name!r}.{hint} Known: {', '.join(sorted(known))} "
+                    "(latency_bsN needs N in measurement.batch_sizes)."
+                )
+            if direction is not None and direction != known[name]:
+                raise SpecError(f"objectives[{i}]: {name!r} can only be {known[name]}d, got direction {direction!r}")
+            if name in [n for n, _ in out]:
+                raise SpecError(f"objectives[{i}]: {name!r} is listed twice; remove the duplicate")
+            out.append((name, known[name]))
+        return out
+
+    def fingerprint(self, *parts: str) -> str:
+        return hashlib.sha256(json.dumps([self.model_dump(mode="json"), *parts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, data: Mapping[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "union[", "literal[")))
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent, key = (loc.rsplit(".", 1) + [""])[:2] if "." in loc else ("", loc)
+            lines.append(f"- {loc}: unknown key.{_hint_key(key, parent)} Remove it or fix its spelling.")
+        elif kind == "missing":
+            lines.append(f"- {loc}: required key is missing; add it to the spec.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            shown = "" if isinstance(value, (dict, list)) and len(str(value)) > 80 else f" (got {value!r})"
+            lines.append(f"- {loc or '(top level)'}: {msg}{shown}")
+    return "invalid search spec:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def _hint_key(key: str, parent: str) -> str:
+    model: Any = Spec
+    for part in [p for p in parent.split(".") if p]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    return close_matches(key, list(model.model_fields))
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trials=40 or --set recovery.steps=50")
+        key, raw = item.split("=", 1)
+        key = SHORTCUTS.get(key.strip(), key.strip())
+        if not key or any(not p for p in key.split(".")):
+            raise SpecError(f"--set {item!r}: empty key path; write it like search.trials=40")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {'.'.join(path)}: {part!r} is not a mapping in the spec")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"search spec {str(p)!r} not found; pass the path to a YAML file (see search_spaces/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"search spec {str(p)!r} is not valid YAML{where}: {problem}. Fix the syntax there.") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"search spec {str(p)!r} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    if data is None:
+        raise SpecError(f"search spec {str(p)!r} is empty; start from one in search_spaces/")
+    if not isinstance(data, dict):
+        raise SpecError(f"search spec {str(p)!r} must be a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path | None = None, *, data: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and validate a spec (structure only; see :func:`check_techniques`)."""
+    raw = read_yaml(path) if data is None else json.loads(json.dumps(data))
+    raw = apply_overrides(raw, overrides)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, raw)) from None
+    spec.objective_list()
+    return spec
+
+
+def dump_spec(spec: Spec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
