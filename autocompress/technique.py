@@ -232,8 +232,9 @@ class Technique:
         """Cross-parameter checks; raise ``ValueError`` with a clear message. Per-parameter ranges are
         already checked by the engine."""
 
-    def supports(self, model: "nn.Module") -> str | None:
-        """Return ``None`` if the technique can act on ``model``, else the reason it cannot."""
+    def supports(self, model: "nn.Module", *, device: str = "cpu") -> str | None:
+        """Return ``None`` if the technique can act on ``model`` on ``device`` (``"cpu"``, ``"cuda"``),
+        else the reason it cannot (e.g. an architecture it does not know, kernels missing on a device)."""
         return None
 
     # -- phases ---------------------------------------------------------------------------------------
