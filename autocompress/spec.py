@@ -83,6 +83,7 @@ class MeasurementSpec(_Strict):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     batch_sizes: list[int] = Field([32, 1], min_length=1)
     latency_examples: int = Field(256, ge=1, description="evaluation sentences timed per batch size (fixed sample)")
+    max_batches: int = Field(32, ge=1, description="at most this many batches timed per batch size (keeps batch 1 cheap)")
     warmup: int = Field(1, ge=0, description="untimed passes before timing")
     repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while timing (default: all cores)")

@@ -1,0 +1,199 @@
+"""The ``autocompress`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import AutocompressError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold secrets (storage URLs with passwords)
+    help="Search for compressed BERT classifiers: technique plugins, Optuna multi-objective search, Pareto fronts.",
+)
+out = Console()
+err = Console(stderr=True)
+
+PluginOpt = typer.Option(None, "--plugin", "-p", help="Load a plugin module (dotted name or .py path); repeatable.")
+ResultsOpt = typer.Option(Path("results"), "--results-dir", help="Folder that holds one sub-folder per study.")
+
+
+def _log(message: str) -> None:
+    err.print(message, markup=False, highlight=False)
+
+
+def _registry(plugins: Optional[List[str]]):
+    from .registry import load_registry
+
+    reg = load_registry(extra_plugins=plugins or ())
+    for plugin, reason in reg.load_errors:
+        err.print(f"[yellow]warning:[/] plugin {plugin!r} was not loaded: {reason}", highlight=False)
+    return reg
+
+
+@app.command()
+def search(
+    spec_file: Path = typer.Argument(..., help="Search spec YAML (see search_spaces/)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a spec key: KEY=VALUE (e.g. trials=40, recovery.steps=50)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task data directory or file (sets data.path)."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Total finished trials wanted (sets search.trials)."),
+    results_dir: Path = ResultsOpt,
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Run (or resume) a compression search. Re-running the same command resumes to the requested total."""
+    from .search import run_search
+    from .spec import load_spec
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.path={json.dumps(data)}")
+    if trials is not None:
+        overrides.append(f"search.trials={trials}")
+    registry = _registry(plugin)
+    spec = load_spec(spec_file, overrides=overrides)
+    command = "autocompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    d = run_search(spec, registry=registry, results_dir=results_dir, command=command, log=_log)
+    _print_front(d, fmt="table")
+    err.print(f"Results: {d}/ (report.md, pareto.png, pareto.html, trials.csv)", highlight=False)
+
+
+@app.command()
+def plugins(
+    format: str = typer.Option("table", "--format", "-f", help="table or json"),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """List every registered technique with its plugin, stage and parameters."""
+    from rich.table import Table
+
+    from .registry import describe
+
+    reg = _registry(plugin)
+    rows = describe(reg)
+    if format == "json":
+        print(json.dumps({"techniques": rows, "load_errors": [{"plugin": p, "reason": r} for p, r in reg.load_errors]}, indent=2))
+        return
+    if format != "table":
+        raise typer.BadParameter(f"--format {format!r}: use 'table' or 'json'")
+    for row in rows:
+        t = Table(title=f"{row['name']}  [dim]({row['source']}: {row['plugin']}, stage {row['stage']})[/]", title_justify="left")
+        for col in ("parameter", "type", "range / choices", "default", "help"):
+            t.add_column(col)
+        for p in row["params"]:
+            t.add_row(p["name"], p["type"], p["domain"], str(p["default"]), p["help"])
+        out.print(t)
+        if row["description"]:
+            out.print(f"  {row['description']}", highlight=False)
+        if row["incompatible_with"]:
+            for other, why in row["incompatible_with"].items():
+                out.print(f"  incompatible with {other}: {why}", highlight=False)
+    if not rows:
+        out.print("No techniques registered.")
+
+
+def _print_front(d: Path, *, fmt: str) -> None:
+    from .report import front_table
+    from .results import load_results
+
+    res = load_results(d)
+    if fmt == "json":
+        print(json.dumps(front_table(res.front, res.baseline, res.objectives, fmt="json"), indent=2, default=str))
+    else:
+        out.print(front_table(res.front, res.baseline, res.objectives, fmt="table"))
+
+
+def _study_path(study: str, results_dir: Path) -> Path:
+    from .errors import StudyError
+    from .search import study_dir
+
+    p = Path(study)
+    if p.is_dir() and (p / "study.json").is_file():
+        return p
+    d = study_dir(results_dir, study)
+    if not (d / "study.json").is_file():
+        raise StudyError(f"no study {study!r} under {str(results_dir)!r} (looked for {d}/study.json); run 'autocompress search SPEC' first")
+    return d
+
+
+@app.command()
+def pareto(
+    study: str = typer.Argument(..., help="Study name (under --results-dir) or its folder."),
+    format: str = typer.Option("table", "--format", "-f", help="table or json"),
+    results_dir: Path = ResultsOpt,
+) -> None:
+    """Show the Pareto front of a study and (re)write its plots and report."""
+    from .results import refresh
+
+    if format not in ("table", "json"):
+        raise typer.BadParameter(f"--format {format!r}: use 'table' or 'json'")
+    d = _study_path(study, results_dir)
+    refresh(d)
+    _print_front(d, fmt=format)
+    if format == "table":
+        err.print(f"Plots: {d / 'pareto.png'}, {d / 'pareto.html'}", highlight=False)
+
+
+@app.command()
+def show(
+    study: str = typer.Argument(..., help="Study name (under --results-dir) or its folder."),
+    trial: int = typer.Argument(..., help="Trial number."),
+    results_dir: Path = ResultsOpt,
+) -> None:
+    """Show one trial: pipeline, parameters, metrics relative to the baseline, or why it failed."""
+    from .errors import StudyError
+    from .pareto import relative_to_baseline
+    from .results import load_results
+
+    res = load_results(_study_path(study, results_dir))
+    row = next((r for r in res.rows if r["number"] == trial), None)
+    if row is None:
+        raise StudyError(f"study has no trial {trial}; trials are numbered 0..{len(res.rows) - 1}")
+    out.print(f"[bold]Trial {trial}[/] — {row['state']}" + (" (on the front)" if any(f['number'] == trial for f in res.front) else ""))
+    out.print(f"pipeline: {' -> '.join(row['pipeline']) or '(no technique: the baseline)'}", highlight=False)
+    for tech, params in row["params"].items():
+        out.print(f"  {tech}: " + ", ".join(f"{k}={v}" for k, v in params.items()), highlight=False)
+    if row.get("fail_reason"):
+        out.print(f"[red]failed:[/] {row['fail_reason']}", highlight=False)
+    if row["metrics"]:
+        rel = relative_to_baseline(row["metrics"], res.baseline)
+        for k, v in row["metrics"].items():
+            b = res.baseline.get(k)
+            extra = f"   baseline {b:.4g}" if isinstance(b, (int, float)) and isinstance(v, (int, float)) else ""
+            out.print(f"  {k}: {v:.4g}{extra}" if isinstance(v, (int, float)) else f"  {k}: {v}", highlight=False)
+        out.print("relative to baseline: " + ", ".join(f"{k} {v:+.2f}" if 'delta' in k else f"{k} {v:.2f}x" for k, v in rel.items()), highlight=False)
+    if row.get("model_dir"):
+        out.print(f"model: {row['model_dir']}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AutocompressError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        err.print("Interrupted.")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            err.print("Aborted.")
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

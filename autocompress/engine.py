@@ -1,0 +1,285 @@
+"""The trial machinery: data and baseline prepared once per study, then one function per trial.
+
+A trial: sampled params -> pipeline of enabled techniques in stage order -> applied to a copy of the
+fine-tuned baseline -> recovery fine-tuning with the techniques' training hooks -> post-training
+transforms -> saved (safetensors + recipe) -> measured exactly like the baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .errors import TrialError
+from .registry import Registry
+from .spec import Spec
+from .technique import Requirement, TechniqueContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .data import Encoded, TaskData
+
+CACHE_ENV = "AUTOCOMPRESS_CACHE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autocompress").expanduser()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """Everything a study computes once and every trial reuses."""
+
+    spec: Spec
+    registry: Registry
+    device: str
+    data: "TaskData"
+    tokenizer: Any
+    train: "Encoded"
+    validation: "Encoded"
+    evaluation: "Encoded"
+    latency_sets: dict[int, "Encoded"]
+    baseline: "nn.Module"
+    baseline_dir: Path
+    baseline_key: str
+    pad_token_id: int
+    notes: list[str] = field(default_factory=list)
+    _teacher: Any = None
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    # -- technique context ------------------------------------------------------------------------------
+    def technique_context(self, *, log: Callable[[str], None] | None = None) -> TechniqueContext:
+        return TechniqueContext(
+            device=self.device,
+            seed=self.spec.seed,
+            train_batches=self._train_batches,
+            teacher=self._get_teacher,
+            cache=self._cached,
+            log=log,
+        )
+
+    def _train_batches(self, n: int):
+        from .data import batches
+
+        def gen():
+            it = batches(self.train, batch_size=self.spec.recovery.batch_size, device=self.device, shuffle=True,
+                         seed=self.spec.seed, pad_token_id=self.pad_token_id)
+            for i, b in enumerate(it):
+                if i >= n:
+                    return
+                yield b
+
+        return gen()
+
+    def _get_teacher(self) -> "nn.Module":
+        if self._teacher is None:
+            teacher = copy.deepcopy(self.baseline).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher = teacher
+        return self._teacher
+
+    def _cached(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Tensors computed once per baseline and key, kept in memory and on disk (safetensors)."""
+        from safetensors.torch import load_file, save_file
+
+        if key in self._memo:
+            return self._memo[key]
+        path = self.baseline_dir / "cache" / f"{_hash(key)}.safetensors"
+        if path.is_file():
+            value = load_file(str(path), device=str(self.device))
+        else:
+            value = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(path), metadata={"key": key})
+        self._memo[key] = value
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation: data, tokenisation, baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = print) -> Prepared:
+    import torch
+
+    from .data import encode, load_task_data
+    from .modeling import load_tokenizer, pick_device
+
+    device = spec.measurement.device
+    device = pick_device(device)
+    torch.set_num_threads(spec.measurement.threads or os.cpu_count() or 1)
+    data = load_task_data(spec.data, seed=spec.seed)
+    tokenizer = load_tokenizer(spec.model)
+    cache = cache_root() / "tokenized"
+    kw = {"max_length": spec.model.max_length, "cache_dir": cache}
+    train, validation, evaluation = (encode(s, tokenizer, **kw) for s in (data.train, data.validation, data.evaluation))
+    notes = list(data.notes)
+    for label, enc in (("train", train), ("validation", validation), ("evaluation", evaluation)):
+        if enc.truncated:
+            notes.append(f"{enc.truncated} {label} examples were truncated to model.max_length={spec.model.max_length} tokens")
+    latency_split = data.evaluation.subset(spec.measurement.latency_examples, seed=spec.seed)
+    latency_sets = {}
+    for bs in spec.measurement.batch_sizes:
+        n = min(len(latency_split), bs * spec.measurement.max_batches)
+        latency_sets[bs] = encode(latency_split.subset(n, seed=spec.seed), tokenizer, **kw)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log)
+    return Prepared(spec, registry, device, data, tokenizer, train, validation, evaluation, latency_sets,
+                    baseline, bdir, key, pad, notes)
+
+
+def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,
+                 pad_token_id: int, log: Callable[[str], None]) -> tuple["nn.Module", Path, str]:
+    """Fine-tune the base model once, cached by model, data and hyperparameters."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import load_base_classifier, resolve_model_path
+    from .train import fine_tune, steps_for
+
+    key = _hash({
+        "model": spec.model.model_dump(mode="json"),
+        "model_path": resolve_model_path(spec.model.name),
+        "data": data.fingerprint,
+        "baseline": spec.baseline.model_dump(mode="json"),
+        "seed": spec.seed,
+        "v": 1,
+    })
+    bdir = cache_root() / "baselines" / key
+    done = bdir / "model" / "config.json"
+    if done.is_file():
+        log(f"Reusing the cached fine-tuned baseline {bdir}")
+        model = AutoModelForSequenceClassification.from_pretrained(str(bdir / "model"))
+        return model.to(device).eval(), bdir, key
+    model = load_base_classifier(spec.model, label_names=data.label_names)
+    b = spec.baseline
+    steps = steps_for(examples=len(train), batch_size=b.batch_size, epochs=b.epochs, max_steps=b.max_steps)
+    log(f"Fine-tuning the baseline: {steps} steps of batch {b.batch_size} on {len(train)} examples (cached afterwards)")
+    reporter = _step_reporter(log, steps)
+    stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
+                      weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=spec.seed, device=device,
+                      pad_token_id=pad_token_id, on_step=reporter)
+    tmp = bdir / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    (bdir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(bdir / "model", ignore_errors=True)
+    tmp.rename(bdir / "model")  # atomic: an interrupted fine-tune never leaves a half-written cache
+    return model.eval(), bdir, key
+
+
+def _step_reporter(log: Callable[[str], None], total: int) -> Callable[[int, int, float], None]:
+    start = time.perf_counter()
+    every = max(1, total // 10)
+
+    def report(step: int, steps: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            el = time.perf_counter() - start
+            log(f"  step {step}/{steps}  loss {loss:.4f}  {el:.0f}s elapsed, ~{el / step * (steps - step):.0f}s left")
+
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement shared by baseline and trials
+# ----------------------------------------------------------------------------------------------------------
+
+
+def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: Mapping[str, Any],
+            recipe: list[dict[str, Any]], flops: float | None = None) -> dict[str, Any]:
+    from .measure import evaluate, flops_per_example, latency_ms_per_example
+    from .modeling import param_count, save_compressed
+
+    m = prep.spec.measurement
+    model.eval()
+    size = save_compressed(model, save_dir, base_config=base_config, recipe=recipe,
+                           meta={"labels": prep.data.label_names, "max_length": prep.spec.model.max_length})
+    metrics: dict[str, Any] = {}
+    val = evaluate(model, prep.validation, device=prep.device, pad_token_id=prep.pad_token_id)
+    ev = evaluate(model, prep.evaluation, device=prep.device, pad_token_id=prep.pad_token_id)
+    metrics.update(val)
+    metrics.update({f"eval_{k}": v for k, v in ev.items()})
+    for bs, enc in prep.latency_sets.items():
+        lat = latency_ms_per_example(model, enc, batch_size=bs, device=prep.device, warmup=m.warmup,
+                                     repeats=m.repeats, pad_token_id=prep.pad_token_id)
+        metrics[f"latency_bs{bs}"] = lat["median"]
+        metrics[f"latency_bs{bs}_spread"] = [lat["min"], lat["max"]]
+    metrics["size_mb"] = size / 1e6
+    metrics["size_bytes"] = size
+    metrics["params"] = param_count(model)
+    first = next(iter(prep.latency_sets.values()))
+    metrics["flops"] = flops if flops is not None else flops_per_example(model, first, device=prep.device, pad_token_id=prep.pad_token_id)
+    return metrics
+
+
+def measure_baseline(prep: Prepared) -> dict[str, Any]:
+    from .modeling import config_snapshot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return measure(prep.baseline, prep, save_dir=Path(tmp), base_config=config_snapshot(prep.baseline), recipe=[])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One trial
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save_dir: Path,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one pipeline (``{technique: params}`` in order) and return its metrics."""
+    from .measure import flops_per_example
+    from .modeling import config_snapshot
+    from .train import fine_tune
+
+    started = time.perf_counter()
+    spec, registry = prep.spec, prep.registry
+    model = copy.deepcopy(prep.baseline)
+    base_config = config_snapshot(model)
+    ctx = prep.technique_context(log=log)
+    techs = [registry.get(name) for name in pipeline]
+    recipe: list[dict[str, Any]] = []
+    for tech in techs:
+        reason = tech.supports(model, device=prep.device)
+        if reason:
+            raise TrialError(f"technique {tech.name!r} cannot act on this model on {prep.device}: {reason}")
+    for tech in techs:
+        params = dict(pipeline[tech.name])
+        if Requirement.TEACHER in tech.requires:
+            ctx.teacher()
+        record = tech.apply(model, params=params, ctx=ctx)
+        if record is not None:
+            recipe.append({"technique": tech.name, "phase": "apply", "params": params, "record": record})
+    hooks = [h for tech in techs if (h := tech.training_hooks(model, params=dict(pipeline[tech.name]), ctx=ctx))]
+    structural = bool(recipe)
+    train_stats: dict[str, Any] = {"steps": 0}
+    if spec.recovery.steps > 0 and (structural or hooks):
+        r = spec.recovery
+        train_stats = fine_tune(model, prep.train, steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate,
+                                warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
+                                pad_token_id=prep.pad_token_id)
+    first = next(iter(prep.latency_sets.values()))
+    flops = flops_per_example(model, first, device=prep.device, pad_token_id=prep.pad_token_id)
+    for tech in techs:
+        params = dict(pipeline[tech.name])
+        record = tech.finalize(model, params=params, ctx=ctx)
+        if record is not None:
+            recipe.append({"technique": tech.name, "phase": "finalize", "params": params, "record": record})
+    metrics = measure(model, prep, save_dir=save_dir, base_config=base_config, recipe=recipe, flops=flops)
+    metrics["recovery_steps"] = train_stats["steps"]
+    metrics["train_seconds"] = train_stats.get("seconds", 0.0)
+    metrics["trial_seconds"] = time.perf_counter() - started
+    return metrics

@@ -1,0 +1,105 @@
+"""Fine-tuning: the baseline once, and recovery training in each trial with the techniques' hooks."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .errors import TrialError
+from .technique import TrainingHooks
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .data import Encoded
+
+
+def fine_tune(
+    model: "nn.Module",
+    enc: "Encoded",
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.06,
+    seed: int = 0,
+    device: str = "cpu",
+    hooks: Sequence[TrainingHooks] = (),
+    pad_token_id: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` optimiser steps of cross-entropy plus the hooks' loss terms.
+
+    Returns ``{"steps", "final_loss", "seconds"}``. A non-finite loss raises :class:`TrialError` (the trial
+    is recorded as failed with that reason; the study goes on).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .data import infinite_batches
+
+    if steps <= 0:
+        return {"steps": 0, "final_loss": None, "seconds": 0.0}
+    torch.manual_seed(seed)
+    model.to(device).train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    extra = [p for h in hooks for p in h.parameters]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay + extra, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
+    warmup = int(steps * warmup_ratio)
+
+    def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    want_hidden = any(h.output_hidden_states for h in hooks)
+    want_attn = any(h.output_attentions for h in hooks)
+    task_weight = math.prod(h.task_loss_weight for h in hooks) if hooks else 1.0
+    data = infinite_batches(enc, batch_size=batch_size, device=device, seed=seed, pad_token_id=pad_token_id)
+    start = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(steps):
+        for h in hooks:
+            if h.before_step:
+                h.before_step(step, steps)
+        batch = next(data)
+        labels = batch.pop("labels")
+        kwargs: dict[str, Any] = {}
+        if want_hidden:
+            kwargs["output_hidden_states"] = True
+        if want_attn:
+            kwargs["output_attentions"] = True
+        outputs = model(**batch, **kwargs)
+        loss = task_weight * F.cross_entropy(outputs.logits, labels) if task_weight else outputs.logits.sum() * 0
+        batch["labels"] = labels
+        for h in hooks:
+            if h.loss:
+                loss = loss + h.loss(batch, outputs, model)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise TrialError(f"training loss became {loss_value} at step {step + 1}/{steps}; lower the learning rate or the compression")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        scheduler.step()
+        for h in hooks:
+            if h.after_step:
+                h.after_step(step, steps)
+        if on_step:
+            on_step(step + 1, steps, loss_value)
+    model.eval()
+    optimizer.zero_grad(set_to_none=True)
+    return {"steps": steps, "final_loss": loss_value, "seconds": time.perf_counter() - start}
+
+
+def steps_for(*, examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
+    return max_steps if max_steps is not None else max(1, math.ceil(examples / batch_size * epochs))
