@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .data import cache_root
 from .errors import TrialError
 from .registry import Registry
 from .spec import Spec
@@ -27,13 +28,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .data import Encoded, TaskData
-
-CACHE_ENV = "AUTOCOMPRESS_CACHE"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autocompress").expanduser()
-
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -175,6 +169,9 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
                       pad_token_id=pad_token_id, on_step=reporter)
     tmp = bdir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(str(tmp))
     (bdir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(bdir / "model", ignore_errors=True)

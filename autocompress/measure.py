@@ -114,6 +114,11 @@ def flops_per_example(model: "nn.Module", enc: "Encoded", *, device: str = "cpu"
     n = min(len(enc), max_examples)
     total, count = 0, 0
     model.eval()
+    # FlopCounterMode does not count the CPU SDPA kernel, so count with eager attention (same maths).
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl is not None:
+        config._attn_implementation = "eager"
     with torch.inference_mode():
         for b in batches(enc, batch_size=n, device=device, pad_token_id=pad_token_id, indices=range(n)):
             b.pop("labels", None)
@@ -123,6 +128,8 @@ def flops_per_example(model: "nn.Module", enc: "Encoded", *, device: str = "cpu"
             total += counter.get_total_flops()
             count += b["input_ids"].shape[0]
             break
+    if impl is not None:
+        config._attn_implementation = impl
     return float(total) / max(1, count)
 
 

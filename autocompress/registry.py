@@ -215,6 +215,7 @@ def describe(registry: Registry) -> list[dict[str, Any]]:
                         "type": p.kind,
                         "domain": p.domain(),
                         "default": p.default,
+                        "searched": p.searched,
                         "help": p.help,
                     }
                     for p in t.params

@@ -54,16 +54,13 @@ def space_fingerprint(spec: Spec) -> str:
 def make_sampler(spec: Spec, n_objectives: int):
     import optuna
 
+    # Constraints reach the samplers through Trial.set_constraint (Optuna 5), not constraints_func.
     s = spec.search
-
-    def constraints(trial: Any) -> list[float]:
-        return trial.user_attrs.get("constraints", [0.0])
-
     if s.sampler == "nsga2":
         pop = s.population_size or max(2, min(20, s.trials))
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=pop, constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=pop)
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, constraints_func=constraints, multivariate=True)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
@@ -82,17 +79,17 @@ def open_study(spec: Spec, d: Path, *, create: bool = True):
         raise StudyError(f"cannot open study {spec.study!r} in storage {storage!r}: {exc}") from None
 
 
-def constraint_values(metrics: dict[str, Any], baseline: dict[str, Any], spec: Spec) -> list[float]:
+def constraint_values(metrics: dict[str, Any], baseline: dict[str, Any], spec: Spec) -> dict[str, float]:
     """Optuna's convention: each value <= 0 means satisfied."""
     c = spec.constraints
-    out = []
+    out = {}
     if c.max_accuracy_drop is not None:
-        out.append((baseline["accuracy"] - metrics["accuracy"]) * 100.0 - c.max_accuracy_drop)
+        out["max_accuracy_drop"] = (baseline["accuracy"] - metrics["accuracy"]) * 100.0 - c.max_accuracy_drop
     if c.max_latency_ms is not None:
-        out.append(metrics[f"latency_bs{spec.measurement.batch_sizes[0]}"] - c.max_latency_ms)
+        out["max_latency_ms"] = metrics[f"latency_bs{spec.measurement.batch_sizes[0]}"] - c.max_latency_ms
     if c.max_size_mb is not None:
-        out.append(metrics["size_mb"] - c.max_size_mb)
-    return out or [0.0]
+        out["max_size_mb"] = metrics["size_mb"] - c.max_size_mb
+    return out
 
 
 def trial_row(t: Any) -> dict[str, Any]:
@@ -105,7 +102,7 @@ def trial_row(t: Any) -> dict[str, Any]:
         "pipeline": a.get("pipeline", []),
         "params": a.get("params", {}),
         "metrics": a.get("metrics", {}),
-        "feasible": all(v <= 0 for v in a.get("constraints", [0.0])),
+        "feasible": all(v <= 0 for v in a.get("constraints", {}).values()),
         "duration_s": a.get("duration_s"),
         "device": a.get("device"),
         "model_dir": a.get("model_dir"),
@@ -242,7 +239,10 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 write_results(d, study=study, spec=spec)
                 continue
             trial.set_user_attr("metrics", metrics)
-            trial.set_user_attr("constraints", constraint_values(metrics, baseline, spec))
+            constraints = constraint_values(metrics, baseline, spec)
+            trial.set_user_attr("constraints", constraints)
+            for key, value in constraints.items():
+                trial.set_constraint(key, value)
             trial.set_user_attr("duration_s", time.perf_counter() - start)
             trial.set_user_attr("device", _device_desc(prep.device))
             trial.set_user_attr("model_dir", str(trial_dir.relative_to(d)))

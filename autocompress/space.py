@@ -6,7 +6,8 @@ Per technique the spec says ``enabled: true | false | search`` and, per paramete
 * ``[low, high]`` or ``{low, high, log, step}`` — a range, for numeric parameters;
 * a list or ``{choices: [...]}`` — a subset of the choices, for categorical parameters.
 
-Unset parameters take the technique's declared range (or choices). Everything is checked against the
+Unset parameters are searched over the technique's declared range (or choices) when the technique marks
+them ``searched``, and fixed at their default otherwise (e.g. the number of batches used for scoring). Everything is checked against the
 technique's declared domain, so a spec cannot ask for what a technique does not support.
 """
 
@@ -71,6 +72,8 @@ def _resolve_param(p: Param, raw: Any, where: str) -> Domain:
             raise SpecError(f"{where}{label}: {exc}. Allowed: {p.domain()}.") from None
 
     if raw is None:
+        if not p.searched:
+            return Fixed(p.default)
         if isinstance(p, FloatParam):
             return FloatRange(p.low, p.high, p.log)
         if isinstance(p, IntParam):

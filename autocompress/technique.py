@@ -59,6 +59,7 @@ class FloatParam:
     default: float
     log: bool = False
     help: str = ""
+    searched: bool = True  # searched over its range when the spec does not mention it; else fixed at default
     kind: ClassVar[str] = "float"
 
     def check(self, value: Any) -> float:
@@ -82,6 +83,7 @@ class IntParam:
     default: int
     step: int = 1
     help: str = ""
+    searched: bool = True
     kind: ClassVar[str] = "int"
 
     def check(self, value: Any) -> int:
@@ -106,6 +108,7 @@ class CategoricalParam:
     choices: tuple[Any, ...]
     default: Any
     help: str = ""
+    searched: bool = True
     kind: ClassVar[str] = "categorical"
 
     def check(self, value: Any) -> Any:

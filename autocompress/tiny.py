@@ -19,13 +19,12 @@ def make_tiny_model_dir(path: str | Path, *, hidden: int = 32, layers: int = 2, 
                         intermediate: int = 64, seed: int = 0) -> Path:
     """Write a random ``BertModel`` and a WordPiece tokenizer to ``path`` (an HF model directory)."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab_file = path / "vocab.txt"
-    vocab_file.write_text("\n".join(tiny_vocab()) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 ignores vocab_file= on the fast tokenizer; pass the vocabulary itself.
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(tiny_vocab())}, do_lower_case=True)
     tok.save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tiny_vocab()), hidden_size=hidden, num_hidden_layers=layers,

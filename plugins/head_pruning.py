@@ -216,9 +216,9 @@ class HeadPruning(Technique):
     params = (
         FloatParam("fraction", 0.0, 0.9, 0.0,
                    help="global fraction of all attention heads removed (0 = no pruning)"),
-        IntParam("min_heads_per_layer", 1, 64, 1,
+        IntParam("min_heads_per_layer", 1, 64, 1, searched=False,
                  help="never leave a layer with fewer heads than this"),
-        IntParam("importance_batches", 1, 256, 32,
+        IntParam("importance_batches", 1, 256, 32, searched=False,
                  help="labelled training batches used to score head importance"),
     )
     requires = frozenset({Requirement.IMPORTANCE_DATA})

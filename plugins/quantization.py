@@ -190,7 +190,7 @@ class Quantization(Technique):
         CategoricalParam("dtype", ("int8",), "int8", help="weight/activation integer type (int8 only for now)"),
         CategoricalParam("per_channel", (True, False), True,
                          help="one weight scale per output channel (more accurate) or one per matrix"),
-        CategoricalParam("include_classifier", (False, True), False,
+        CategoricalParam("include_classifier", (False, True), False, searched=False,
                          help="also quantise the task head (tiny; its output is the logits)"),
     )
     reduces = frozenset({"size", "latency"})
