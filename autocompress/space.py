@@ -172,9 +172,11 @@ def sample(space: SearchSpace, suggest: "Suggester") -> dict[str, dict[str, Any]
     pipeline is valid and the sampler never sees an impossible combination.
     """
     chosen: dict[str, dict[str, Any]] = {}
+    forced = [ts.technique for ts in space.active() if ts.enabled is True]
     for ts in space.active():
         tech = ts.technique
-        if any(incompatibility(tech, space_t.technique) for space_t in space.techniques if space_t.technique.name in chosen):
+        others = forced + [t.technique for t in space.techniques if t.technique.name in chosen]
+        if ts.enabled is not True and any(incompatibility(tech, other) for other in others):
             continue
         on = True if ts.enabled is True else suggest.categorical(f"{tech.name}.enabled", (True, False))
         if not on:
