@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Search for compressed BERT classifiers: technique plugins, Optuna multi-objective search, Pareto fronts.",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no hard wraps: paths and commands stay copy-pasteable
 
 PluginOpt = typer.Option(None, "--plugin", "-p", help="Load a plugin module (dotted name or .py path); repeatable.")
 ResultsOpt = typer.Option(Path("results"), "--results-dir", help="Folder that holds one sub-folder per study.")
@@ -162,14 +162,16 @@ def show(
     if row.get("fail_reason"):
         out.print(f"[red]failed:[/] {row['fail_reason']}", highlight=False)
     if row["metrics"]:
-        rel = relative_to_baseline(row["metrics"], res.baseline)
         for k, v in row["metrics"].items():
             b = res.baseline.get(k)
-            extra = f"   baseline {b:.4g}" if isinstance(b, (int, float)) and isinstance(v, (int, float)) else ""
+            extra = f"   (baseline {b:.4g})" if isinstance(b, (int, float)) and isinstance(v, (int, float)) else ""
             out.print(f"  {k}: {v:.4g}{extra}" if isinstance(v, (int, float)) else f"  {k}: {v}", highlight=False)
-        out.print("relative to baseline: " + ", ".join(f"{k} {v:+.2f}" if 'delta' in k else f"{k} {v:.2f}x" for k, v in rel.items()), highlight=False)
-    if row.get("model_dir"):
-        out.print(f"model: {row['model_dir']}", highlight=False)
+        rel = {k: v for k, v in relative_to_baseline(row["metrics"], res.baseline).items() if v is not None}
+        out.print("relative to baseline: " + ", ".join(
+            f"{k} {v:+.2f} pts" if "delta" in k else f"{k} {v:.2f}x" for k, v in rel.items()), highlight=False)
+    model_dir = row.get("model_dir")
+    if model_dir and (res_dir := _study_path(study, results_dir) / model_dir).is_dir():
+        out.print(f"model: {res_dir}", highlight=False)
 
 
 def main() -> None:

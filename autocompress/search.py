@@ -47,8 +47,11 @@ def _check_writable(d: Path) -> None:
 
 
 def space_fingerprint(spec: Spec) -> str:
+    import hashlib
+
     dumped = spec.model_dump(mode="json")
-    return spec.fingerprint(json.dumps({k: dumped[k] for k in SEARCH_KEYS}, sort_keys=True))
+    blob = json.dumps({k: dumped[k] for k in SEARCH_KEYS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_sampler(spec: Spec, n_objectives: int):

@@ -7,7 +7,6 @@ YAML scalars); ``trials``, ``seed`` and ``sampler`` are shortcuts for ``search.*
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -175,9 +174,6 @@ class Spec(_Strict):
                 raise SpecError(f"objectives[{i}]: {name!r} is listed twice; remove the duplicate")
             out.append((name, known[name]))
         return out
-
-    def fingerprint(self, *parts: str) -> str:
-        return hashlib.sha256(json.dumps([self.model_dump(mode="json"), *parts], sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------
