@@ -174,7 +174,14 @@ def show(
         out.print(f"model: {res_dir}", highlight=False)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, job schedulers) stops as cleanly as Ctrl-C
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(standalone_mode=False)
     except AutocompressError as exc:

@@ -210,12 +210,23 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
         study.set_user_attr("notes", prep.notes)
     log(_baseline_line(baseline, spec))
     progress = _Progress(spec.search.trials, done, log=log)
+    empty_in_a_row = 0
     try:
         while done < spec.search.trials:
             trial = study.ask()
             pipeline = sample(space, Suggester(trial))
             trial.set_user_attr("pipeline", list(pipeline))
             trial.set_user_attr("params", pipeline)
+            if not pipeline:
+                # Every technique sampled off: that model is the baseline, already measured. Record it
+                # as pruned (no cost) and do not count it, so the budget goes to real candidates.
+                trial.set_user_attr("fail_reason", "skipped: no technique enabled (identical to the baseline)")
+                study.tell(trial, state=TrialState.PRUNED)
+                empty_in_a_row += 1
+                if empty_in_a_row >= 50:
+                    raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
+                continue
+            empty_in_a_row = 0
             trial_dir = d / "trials" / str(trial.number)
             start = time.perf_counter()
             try:
