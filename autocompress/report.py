@@ -403,8 +403,8 @@ def _front_columns(baseline: Mapping[str, Any], rows: Rows, objectives: Objectiv
         cols += [(f"val {q} (%)", q, "pct"), (f"eval {q} (%)", "eval_" + q, "pct")]
     for i, lat in enumerate(latency_names(base, *[r.get("metrics") or {} for r in rows])):
         bs = lat.removeprefix("latency_")
-        first = [(f"latency {bs} (ms)", lat, "num"), (f"speedup {bs}", "speedup_" + bs, "x")]
-        cols += first if i == 0 else [(f"{bs} (ms)", lat, "num")]
+        first = [(f"latency {bs} (ms/ex)", lat, "num"), (f"speedup {bs}", "speedup_" + bs, "x")]
+        cols += first if i == 0 else [(f"{bs} (ms/ex)", lat, "num")]
     cols += [("size (MB)", "size_mb", "num"), ("reduction", "size_reduction", "x")]
     cols += [(label, key, "big") for key, label in (("params", "params"), ("flops", "FLOPs")) if key in names]
     return cols + [("pipeline", "pipeline", "str")]
@@ -501,6 +501,8 @@ def write_report_md(
     else:
         md += ["_No completed, feasible trial has every objective measured, so there is no front._", ""]
     md += ["## Trials", "", "| state | count |", "|---|---:|", *[f"| {s} | {n} |" for s, n in sorted(states.items())], "",
+           "PRUNED trials are sampled pipelines with every technique off (the baseline itself): skipped, not "
+           "run and not counted towards the requested total.", "",
            "Full table: [trials.csv](trials.csv) ([trials.json](trials.json)); front: [pareto.json](pareto.json).", ""]
     if failed:
         md += ["### Failed trials", ""] + [f"- trial {r.get('number')} ({pipeline_str(r.get('pipeline'))}): "

@@ -237,7 +237,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                     raise AutocompressError(f"objective(s) {', '.join(bad)} measured as non-finite")
             except KeyboardInterrupt:
                 trial.set_user_attr("interrupted", True)
-                trial.set_user_attr("fail_reason", "interrupted by Ctrl-C")
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
                 study.tell(trial, state=TrialState.FAIL)
                 shutil.rmtree(trial_dir, ignore_errors=True)
                 raise

@@ -153,7 +153,7 @@ def test_front_table_formats(rows):
     assert as_json[0]["trial"] == "baseline" and as_json[0]["speedup_bs32"] == pytest.approx(1.0)
     assert [r["trial"] for r in as_json[1:]] == [r["number"] for r in front]
     md = front_table(front, BASE, OBJ, fmt="markdown")
-    assert md.splitlines()[0].startswith("| trial | val acc (%) | eval acc (%) | Δ eval acc (pts) | latency bs32 (ms) |")
+    assert md.splitlines()[0].startswith("| trial | val acc (%) | eval acc (%) | Δ eval acc (pts) | latency bs32 (ms/ex) |")
     assert "| 1 |" in md and "2.00x" in md and "head_pruning+quantization" in md
     table = front_table(front, BASE, OBJ, fmt="table")
     console = Console(width=250, record=True)
