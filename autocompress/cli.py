@@ -182,6 +182,9 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and then
+    # Python installs no handler: make Ctrl-C / SIGINT always stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app(standalone_mode=False)
     except AutocompressError as exc:

@@ -211,9 +211,10 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     log(_baseline_line(baseline, spec))
     progress = _Progress(spec.search.trials, done, log=log)
     empty_in_a_row = 0
+    current = None  # the asked, not yet told, trial
     try:
         while done < spec.search.trials:
-            trial = study.ask()
+            trial = current = study.ask()
             pipeline = sample(space, Suggester(trial))
             trial.set_user_attr("pipeline", list(pipeline))
             trial.set_user_attr("params", pipeline)
@@ -222,6 +223,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 # as pruned (no cost) and do not count it, so the budget goes to real candidates.
                 trial.set_user_attr("fail_reason", "skipped: no technique enabled (identical to the baseline)")
                 study.tell(trial, state=TrialState.PRUNED)
+                current = None
                 empty_in_a_row += 1
                 if empty_in_a_row >= 50:
                     raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
@@ -235,18 +237,13 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 bad = [n for (n, _), v in zip(spec.objective_list(), values) if not math.isfinite(float(v))]
                 if bad:
                     raise AutocompressError(f"objective(s) {', '.join(bad)} measured as non-finite")
-            except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
-                study.tell(trial, state=TrialState.FAIL)
-                shutil.rmtree(trial_dir, ignore_errors=True)
-                raise
             except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
                 reason = str(exc) if isinstance(exc, AutocompressError) else f"{type(exc).__name__}: {exc}"
                 trial.set_user_attr("fail_reason", reason)
                 trial.set_user_attr("traceback", traceback.format_exc(limit=8)[-4000:])
                 trial.set_user_attr("duration_s", time.perf_counter() - start)
                 study.tell(trial, state=TrialState.FAIL)
+                current = None
                 shutil.rmtree(trial_dir, ignore_errors=True)
                 done += 1
                 progress.update(done, f"trial {trial.number} FAILED: {reason}", _front_size(study, spec))
@@ -261,10 +258,17 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             trial.set_user_attr("device", _device_desc(prep.device))
             trial.set_user_attr("model_dir", str(trial_dir.relative_to(d)))
             study.tell(trial, values)
+            current = None
             done += 1
             front = write_results(d, study=study, spec=spec)
             progress.update(done, _trial_line(trial.number, pipeline, metrics, baseline, spec), len(front))
     except KeyboardInterrupt:
+        if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
+            # Whatever point of the trial the signal hit, it is recorded and does not count.
+            current.set_user_attr("interrupted", True)
+            current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
+            study.tell(current, state=TrialState.FAIL)
+            shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
         progress.close()
         write_results(d, study=study, spec=spec)
         raise StudyInterrupted(done, spec.search.trials, command) from None

@@ -61,6 +61,8 @@ def trial_states(results: Path, study: str) -> list[tuple[int, str]]:
     con = sqlite3.connect(results / study / "study.db")
     try:
         return con.execute("select number, state from trials order by number").fetchall()
+    except sqlite3.OperationalError:  # the storage is still being created
+        return []
     finally:
         con.close()
 
