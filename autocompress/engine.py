@@ -114,8 +114,10 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
     from .data import encode, load_task_data
     from .modeling import load_tokenizer, pick_device
 
-    device = spec.measurement.device
-    device = pick_device(device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
+    device = pick_device(spec.measurement.device)
     torch.set_num_threads(spec.measurement.threads or os.cpu_count() or 1)
     data = load_task_data(spec.data, seed=spec.seed)
     tokenizer = load_tokenizer(spec.model)
@@ -169,9 +171,6 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
                       pad_token_id=pad_token_id, on_step=reporter)
     tmp = bdir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     model.save_pretrained(str(tmp))
     (bdir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(bdir / "model", ignore_errors=True)
