@@ -142,7 +142,6 @@ def protocol(measurement: Any, *, device_description: str, latency_examples: int
         "timed_passes": measurement.repeats,
         "statistic": "median ms per example over timed passes",
         "padding": "dynamic (each batch padded to its longest sequence)",
-        "threads": device_description,
         "size": "bytes of model.safetensors + config.json + recipe.json (tokenizer excluded)",
         "flops": "forward FLOPs per example (torch FlopCounterMode), counted before post-training transforms",
     }

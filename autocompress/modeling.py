@@ -24,7 +24,6 @@ from .errors import ModelError, PluginError
 from .spec import DEFAULT_MODEL, ModelSpec
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from .registry import Registry

@@ -490,7 +490,7 @@ def write_report_md(
            if k != "device" and not k.endswith("_spread") and k != "size_bytes"]
     spreads = [f"bs{k[len('latency_bs'):-len('_spread')]} {v[0]:.3g}–{v[1]:.3g}" for k, v in base.items()
                if k.endswith("_spread") and isinstance(v, (list, tuple)) and len(v) == 2]
-    md += ([f"", f"Latency spread over timed passes (min–max ms/example): {', '.join(spreads)}."] if spreads else []) + [""]
+    md += (["", f"Latency spread over timed passes (min–max ms/example): {', '.join(spreads)}."] if spreads else []) + [""]
     md += ["## Pareto front", "",
            "Trials were **selected on the validation split** carved from the training data (\"val\"); the **reported "
            "figure is the held-out evaluation split** (\"eval\"), which the search never selected on. Deltas are in "

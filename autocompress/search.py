@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import AutocompressError, StudyError
 from .registry import Registry
-from .space import SearchSpace, Suggester, resolve_space, sample
+from .space import Suggester, resolve_space, sample
 from .spec import Spec, dump_spec
 
 SPEC_FILE = "spec.resolved.yaml"
@@ -201,11 +201,12 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
         reason = registry.get(name).supports(prep.baseline, device=prep.device)
         if reason:
             raise StudyError(f"technique {name!r} cannot run here: {reason}. Set techniques.{name}.enabled: false")
+    device_desc = _device_desc(prep.device)
     baseline = study.user_attrs.get("baseline")
     if baseline is None:
         log("Measuring the baseline")
         baseline = measure_baseline(prep)
-        baseline["device"] = _device_desc(prep.device)
+        baseline["device"] = device_desc
         study.set_user_attr("baseline", baseline)
         study.set_user_attr("notes", prep.notes)
     log(_baseline_line(baseline, spec))
@@ -255,7 +256,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             for key, value in constraints.items():
                 trial.set_constraint(key, value)
             trial.set_user_attr("duration_s", time.perf_counter() - start)
-            trial.set_user_attr("device", _device_desc(prep.device))
+            trial.set_user_attr("device", device_desc)
             trial.set_user_attr("model_dir", str(trial_dir.relative_to(d)))
             study.tell(trial, values)
             current = None
