@@ -481,8 +481,9 @@ def _load_encoded(path: Path) -> Encoded:
 
 def batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", shuffle: bool = False, seed: int = 0,
             indices: Sequence[int] | None = None, pad_token_id: int = 0,
-            drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches padded to their own longest example (not a global max_length), moved to ``device``."""
+            drop_last: bool = False, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches padded to their own longest example (not a global max_length), moved to ``device``.
+    ``with_index`` adds ``example_index`` (positions in ``enc``), used to look up cached teacher outputs."""
     import torch
 
     if batch_size < 1:
@@ -504,14 +505,16 @@ def batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", shuffle: bool
         batch = {"input_ids": ids, "attention_mask": mask, "labels": enc.labels[idx].astype(np.int64)}
         if enc.token_type_ids is not None:
             batch["token_type_ids"] = tt
+        if with_index:
+            batch["example_index"] = idx.astype(np.int64)
         yield {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
 
 def infinite_batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", seed: int = 0,
-                     pad_token_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                     pad_token_id: int = 0, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches forever; epoch ``e`` is shuffled with ``seed + e`` so runs repeat."""
     if len(enc) == 0:
         raise DataError("cannot draw training batches from an empty split; check data.max_train_examples and the data")
     for epoch in itertools.count():
         yield from batches(enc, batch_size=batch_size, device=device, shuffle=True, seed=seed + epoch,
-                           pad_token_id=pad_token_id)
+                           pad_token_id=pad_token_id, with_index=with_index)

@@ -19,15 +19,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .data import cache_root
-from .errors import TrialError
 from .registry import Registry
 from .spec import Spec
-from .technique import Requirement, TechniqueContext
+from .technique import TechniqueContext
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .data import Encoded, TaskData
+
+def _subset_encoded(enc: "Encoded", index: Any) -> "Encoded":
+    from .data import Encoded
+
+    tt = None if enc.token_type_ids is None else [enc.token_type_ids[i] for i in index]
+    return Encoded([enc.input_ids[i] for i in index], tt, enc.labels[index], 0)
+
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -62,8 +68,54 @@ class Prepared:
             train_batches=self._train_batches,
             teacher=self._get_teacher,
             cache=self._cached,
+            teacher_logits=self._teacher_logits,
             log=log,
         )
+
+    def _teacher_logits(self, batch: Mapping[str, Any]) -> Any:
+        """Teacher logits per training example, computed once per baseline and kept on disk: each example
+        is scored the first time any trial meets it, so distillation adds no teacher forward pass in later
+        trials (recovery batches repeat across trials: same seed, same order)."""
+        import torch
+        from safetensors.torch import load_file
+
+        index = batch.get("example_index")
+        if index is None:
+            teacher = self._get_teacher()
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            with torch.no_grad():
+                return teacher(**inputs).logits
+        table = self._memo.get("teacher_logits")
+        path = self.baseline_dir / "cache" / "teacher_logits.safetensors"
+        if table is None:
+            if path.is_file():
+                table = load_file(str(path))
+            else:
+                n, k = len(self.train), len(self.data.label_names)
+                table = {"logits": torch.zeros(n, k), "filled": torch.zeros(n, dtype=torch.bool)}
+            self._memo["teacher_logits"] = table
+        idx = index.detach().cpu().long()
+        missing = idx[~table["filled"][idx]]
+        if len(missing):
+            from .measure import predict
+
+            sub = _subset_encoded(self.train, missing.numpy())
+            logits = predict(self._get_teacher(), sub, batch_size=64, device=self.device, pad_token_id=self.pad_token_id)
+            table["logits"][missing] = torch.from_numpy(logits).float()
+            table["filled"][missing] = True
+            self._memo["teacher_logits_dirty"] = True
+        return table["logits"][idx].to(self.device)
+
+    def flush(self) -> None:
+        """Persist caches filled during a trial (teacher logits)."""
+        from safetensors.torch import save_file
+
+        if self._memo.pop("teacher_logits_dirty", False):
+            path = self.baseline_dir / "cache" / "teacher_logits.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file(self._memo["teacher_logits"], str(tmp))
+            os.replace(tmp, path)  # atomic: concurrent workers never read half a file
 
     def _train_batches(self, n: int):
         from .data import batches
@@ -239,6 +291,7 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
     """Run one pipeline (``{technique: params}`` in order) and return its metrics."""
     from .measure import flops_per_example
     from .modeling import config_snapshot
+    from .pipeline import run_pipeline
     from .train import fine_tune
 
     started = time.perf_counter()
@@ -246,36 +299,28 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
     model = copy.deepcopy(prep.baseline)
     base_config = config_snapshot(model)
     ctx = prep.technique_context(log=log)
-    techs = [registry.get(name) for name in pipeline]
-    recipe: list[dict[str, Any]] = []
-    for tech in techs:
-        reason = tech.supports(model, device=prep.device)
-        if reason:
-            raise TrialError(f"technique {tech.name!r} cannot act on this model on {prep.device}: {reason}")
-    for tech in techs:
-        params = dict(pipeline[tech.name])
-        if Requirement.TEACHER in tech.requires:
-            ctx.teacher()
-        record = tech.apply(model, params=params, ctx=ctx)
-        if record is not None:
-            recipe.append({"technique": tech.name, "phase": "apply", "params": params, "record": record})
-    hooks = [h for tech in techs if (h := tech.training_hooks(model, params=dict(pipeline[tech.name]), ctx=ctx))]
-    structural = bool(recipe)
-    train_stats: dict[str, Any] = {"steps": 0}
-    if spec.recovery.steps > 0 and (structural or hooks):
-        r = spec.recovery
-        train_stats = fine_tune(model, prep.train, steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate,
-                                warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
-                                pad_token_id=prep.pad_token_id)
+    steps = [(registry.get(name), dict(params)) for name, params in pipeline.items()]
     first = next(iter(prep.latency_sets.values()))
-    flops = flops_per_example(model, first, device=prep.device, pad_token_id=prep.pad_token_id)
-    for tech in techs:
-        params = dict(pipeline[tech.name])
-        record = tech.finalize(model, params=params, ctx=ctx)
-        if record is not None:
-            recipe.append({"technique": tech.name, "phase": "finalize", "params": params, "record": record})
-    metrics = measure(model, prep, save_dir=save_dir, base_config=base_config, recipe=recipe, flops=flops)
-    metrics["recovery_steps"] = train_stats["steps"]
-    metrics["train_seconds"] = train_stats.get("seconds", 0.0)
+    counted: dict[str, float] = {}
+
+    def train(m: "nn.Module", hooks: list) -> dict[str, Any]:
+        r = spec.recovery
+        if r.steps <= 0:
+            return {"steps": 0}
+        return fine_tune(m, prep.train, steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate,
+                         warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
+                         pad_token_id=prep.pad_token_id)
+
+    def count_flops(m: "nn.Module") -> None:
+        counted["flops"] = flops_per_example(m, first, device=prep.device, pad_token_id=prep.pad_token_id)
+
+    try:
+        result = run_pipeline(model, steps, ctx=ctx, train=train, before_finalize=count_flops, device=prep.device)
+    finally:
+        prep.flush()
+    metrics = measure(model, prep, save_dir=save_dir, base_config=base_config, recipe=result.recipe,
+                      flops=counted["flops"])
+    metrics["recovery_steps"] = result.train_stats["steps"]
+    metrics["train_seconds"] = result.train_stats.get("seconds", 0.0)
     metrics["trial_seconds"] = time.perf_counter() - started
     return metrics

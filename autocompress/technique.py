@@ -167,6 +167,7 @@ class TechniqueContext:
         teacher: Callable[[], "nn.Module"] | None = None,
         cache: Callable[[str, Callable[[], dict[str, "torch.Tensor"]]], dict[str, "torch.Tensor"]]
         | None = None,
+        teacher_logits: Callable[[Mapping[str, Any]], "torch.Tensor"] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device
@@ -174,6 +175,7 @@ class TechniqueContext:
         self._train_batches = train_batches
         self._teacher = teacher
         self._cache = cache
+        self._teacher_logits = teacher_logits
         self._log = log
 
     def train_batches(self, n: int) -> Iterator[Mapping[str, Any]]:
@@ -188,6 +190,19 @@ class TechniqueContext:
         if self._teacher is None:
             raise RuntimeError("this context has no teacher; declare Requirement.TEACHER")
         return self._teacher()
+
+    def teacher_logits(self, batch: Mapping[str, Any]) -> "torch.Tensor":
+        """The teacher's logits for a training batch. The engine serves them from a cache computed once per
+        baseline (looked up by the batch's ``example_index``), so distillation costs no teacher forward
+        pass per step; without that cache the teacher is run on the batch."""
+        if self._teacher_logits is not None:
+            return self._teacher_logits(batch)
+        import torch
+
+        teacher = self.teacher()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        with torch.no_grad():
+            return teacher(**inputs).logits
 
     def cached(
         self, key: str, compute: Callable[[], dict[str, "torch.Tensor"]]
@@ -218,8 +233,11 @@ class Technique:
     params: ClassVar[tuple[Param, ...]] = ()
     requires: ClassVar[frozenset[Requirement]] = frozenset()
     incompatible_with: ClassVar[Mapping[str, str]] = {}
-    # What the technique claims to reduce, so reports can say plainly when it saves size but not time.
-    reduces: ClassVar[frozenset[str]] = frozenset()  # subset of {"size", "latency", "params", "flops"}
+    # What the technique claims to reduce, so reports can say plainly when it saves size but not time, and
+    # the contract suite (autocompress.testing) checks each claim that is observable on a tiny model.
+    # A subset of {"size", "latency", "params", "flops", "tokens"} ("tokens": sequence length inside the
+    # encoder).
+    reduces: ClassVar[frozenset[str]] = frozenset()
 
     # -- config ---------------------------------------------------------------------------------------
     def defaults(self) -> dict[str, Any]:
@@ -230,6 +248,16 @@ class Technique:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def identity_params(self) -> dict[str, Any] | None:
+        """Settings under which the technique must leave the model's outputs unchanged (e.g. prune 0%), or
+        ``None`` if it has none. The contract suite checks it."""
+        return None
+
+    def example_params(self) -> dict[str, Any]:
+        """A setting with a clearly observable effect on a tiny model; the contract suite checks the
+        ``reduces`` claims with it and composes it with every other technique."""
+        return self.defaults()
 
     def validate(self, params: Mapping[str, Any]) -> None:
         """Cross-parameter checks; raise ``ValueError`` with a clear message. Per-parameter ranges are

@@ -36,9 +36,6 @@ def fine_tune(
     is recorded as failed with that reason; the study goes on).
     """
     import torch
-    import torch.nn.functional as F
-
-    from .data import infinite_batches
 
     if steps <= 0:
         return {"steps": 0, "final_loss": None, "seconds": 0.0}
@@ -63,7 +60,29 @@ def fine_tune(
     want_hidden = any(h.output_hidden_states for h in hooks)
     want_attn = any(h.output_attentions for h in hooks)
     task_weight = math.prod(h.task_loss_weight for h in hooks) if hooks else 1.0
-    data = infinite_batches(enc, batch_size=batch_size, device=device, seed=seed, pad_token_id=pad_token_id)
+    # Attention probabilities are only returned by the eager kernel (SDPA computes them implicitly).
+    config = getattr(model, "config", None)
+    saved_impl = getattr(config, "_attn_implementation", None)
+    if want_attn and saved_impl is not None:
+        config._attn_implementation = "eager"
+    try:
+        return _loop(model, enc, steps=steps, batch_size=batch_size, seed=seed, device=device, hooks=hooks,
+                     pad_token_id=pad_token_id, on_step=on_step, optimizer=optimizer, scheduler=scheduler,
+                     groups=groups, want_hidden=want_hidden, want_attn=want_attn, task_weight=task_weight)
+    finally:
+        if want_attn and saved_impl is not None:
+            config._attn_implementation = saved_impl
+
+
+def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, on_step, optimizer, scheduler,
+          groups, want_hidden, want_attn, task_weight) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from .data import infinite_batches
+
+    data = infinite_batches(enc, batch_size=batch_size, device=device, seed=seed, pad_token_id=pad_token_id,
+                            with_index=True)
     start = time.perf_counter()
     loss_value = float("nan")
     for step in range(steps):
@@ -72,6 +91,7 @@ def fine_tune(
                 h.before_step(step, steps)
         batch = next(data)
         labels = batch.pop("labels")
+        index = batch.pop("example_index")
         kwargs: dict[str, Any] = {}
         if want_hidden:
             kwargs["output_hidden_states"] = True
@@ -80,6 +100,7 @@ def fine_tune(
         outputs = model(**batch, **kwargs)
         loss = task_weight * F.cross_entropy(outputs.logits, labels) if task_weight else outputs.logits.sum() * 0
         batch["labels"] = labels
+        batch["example_index"] = index  # hooks look up cached teacher outputs by it
         for h in hooks:
             if h.loss:
                 loss = loss + h.loss(batch, outputs, model)

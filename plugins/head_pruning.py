@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from autocompress import hookimpl
+from autocompress.surgery import encoder_layers as _layers, head_counts, prune_heads
 from autocompress.technique import FloatParam, IntParam, Requirement, Stage, Technique, TechniqueContext
 
 # Keys of a training batch that BERT's forward accepts; anything else (ids, lengths) is dropped.
@@ -33,27 +34,6 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 # ----------------------------------------------------------------------------------------------------------
 # Model access
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder layers of a BERT-like model (``model.bert.encoder.layer``, or the same path under
-    ``base_model`` for BERT clones such as RoBERTa)."""
-    base = getattr(model, "bert", None)
-    if base is None:
-        base = getattr(model, "base_model", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .bert.encoder.layer: not a BERT-like model")
-    return layers
-
-
-def _self_attention(layer: nn.Module) -> nn.Module:
-    return layer.attention.self
-
-
-def head_counts(model: nn.Module) -> list[int]:
-    """The current number of attention heads in each encoder layer."""
-    return [int(_self_attention(layer).num_attention_heads) for layer in _layers(model)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,7 +79,7 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> t
         for p, _ in grad_flags:
             p.requires_grad_(False)
         for i, layer in enumerate(layers):
-            attn = _self_attention(layer)
+            attn = layer.attention.self
             handles.append(attn.register_forward_hook(_gate_hook(gate, i, counts[i], attn.attention_head_size)))
         n_batches = 0
         with torch.enable_grad():
@@ -131,56 +111,6 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> t
 # ----------------------------------------------------------------------------------------------------------
 # Physical pruning
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new ``nn.Linear`` keeping ``index`` along weight dim ``dim`` (0: output rows, 1: input columns)."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
-    bias = linear.bias
-    if bias is not None and dim == 0:
-        bias = bias.detach().index_select(0, index.to(bias.device))
-    out_features, in_features = weight.shape
-    # skip_init: the weights are overwritten right away, no point in running the random init.
-    new = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
-                                   device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.detach())
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    if bias is not None:
-        new.bias.requires_grad_(linear.bias.requires_grad)
-    new.train(linear.training)
-    return new
-
-
-def prune_heads(model: nn.Module, heads_to_keep: list[list[int]]) -> None:
-    """Keep only ``heads_to_keep[i]`` (indices into layer ``i``'s *current* heads) in each encoder layer.
-
-    Slices query/key/value output rows and the attention output projection's input columns, and updates
-    ``num_attention_heads`` / ``all_head_size``. Layers that keep all their heads are left untouched (same
-    module objects), so keeping everything is an exact identity.
-    """
-    layers = _layers(model)
-    if len(heads_to_keep) != len(layers):
-        raise ValueError(f"heads_to_keep has {len(heads_to_keep)} entries for {len(layers)} layers")
-    for i, (layer, keep) in enumerate(zip(layers, heads_to_keep)):
-        attn = _self_attention(layer)
-        n_heads, head_size = int(attn.num_attention_heads), int(attn.attention_head_size)
-        keep = sorted(int(h) for h in keep)
-        if not keep:
-            raise ValueError(f"layer {i}: every layer must keep at least one head")
-        if len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= n_heads:
-            raise ValueError(f"layer {i}: invalid heads {keep} for a layer with {n_heads} heads")
-        if keep == list(range(n_heads)):
-            continue
-        index = torch.cat([torch.arange(h * head_size, (h + 1) * head_size) for h in keep])
-        attn.query = _sliced_linear(attn.query, index, 0)
-        attn.key = _sliced_linear(attn.key, index, 0)
-        attn.value = _sliced_linear(attn.value, index, 0)
-        layer.attention.output.dense = _sliced_linear(layer.attention.output.dense, index, 1)
-        attn.num_attention_heads = len(keep)
-        attn.all_head_size = len(keep) * head_size
 
 
 def choose_heads(importance: torch.Tensor, counts: list[int], n_prune: int, min_heads: int) -> list[list[int]]:
@@ -227,7 +157,7 @@ class HeadPruning(Technique):
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:
             layers = _layers(model)
-            if len(layers) == 0 or not all(hasattr(_self_attention(layer), "query") for layer in layers):
+            if len(layers) == 0 or not all(hasattr(layer.attention.self, "query") for layer in layers):
                 raise ValueError
         except (AttributeError, ValueError):
             return (f"head pruning needs a BERT-like model (.bert.encoder.layer[i].attention.self.query); "
