@@ -54,6 +54,11 @@ def run_pipeline(
     FLOPs there, since quantised kernels are invisible to the FLOP counter).
     """
     check_supported(model, [t for t, _ in steps], device=device)
+    for tech, params in steps:
+        try:
+            tech.validate(dict(params))
+        except ValueError as exc:
+            raise TrialError(f"technique {tech.name!r} rejected its parameters {dict(params)}: {exc}") from None
     result = PipelineResult()
     for tech, params in steps:
         if Requirement.TEACHER in tech.requires:

@@ -70,9 +70,19 @@ def set_module(model: "nn.Module", name: str, module: "nn.Module") -> None:
 
 def sliced_linear(linear: "nn.Linear", index: "torch.Tensor", dim: int) -> "nn.Linear":
     """A new ``nn.Linear`` keeping ``index`` along weight dim ``dim`` (0: output rows, 1: input columns).
-    Keeps device, dtype, ``requires_grad`` and train/eval mode."""
+    Keeps device, dtype, ``requires_grad`` and train/eval mode.
+
+    A module that is not an ``nn.Linear`` but computes a linear map (e.g. a low-rank factorised one) can
+    take part by defining ``sliced(index, dim) -> nn.Module`` with the same meaning."""
     import torch
     from torch import nn
+
+    if not isinstance(linear, nn.Linear):
+        sliced = getattr(linear, "sliced", None)
+        if sliced is None:
+            raise TypeError(f"cannot slice a {type(linear).__name__}: it is not an nn.Linear and defines no "
+                            f"sliced(index, dim)")
+        return sliced(index, dim)
 
     weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
     bias = linear.bias

@@ -142,7 +142,7 @@ class HeadPruning(Technique):
     description = ("Remove the globally least important attention heads (Michel et al. 2019 gradient "
                    "importance), slicing Q/K/V and output projections so the model gets smaller and faster.")
     stage = Stage.STRUCTURE
-    order = 0
+    order = 10  # after depth reduction (distillation), before low-rank factorisation
     params = (
         FloatParam("fraction", 0.0, 0.9, 0.0,
                    help="global fraction of all attention heads removed (0 = no pruning)"),
@@ -153,6 +153,12 @@ class HeadPruning(Technique):
     )
     requires = frozenset({Requirement.IMPORTANCE_DATA})
     reduces = frozenset({"params", "flops", "latency", "size"})
+
+    def identity_params(self) -> dict[str, Any]:
+        return {"fraction": 0.0}
+
+    def example_params(self) -> dict[str, Any]:
+        return {"fraction": 0.5, "importance_batches": 2}
 
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:

@@ -1,0 +1,85 @@
+"""Every registered technique passes the public contract suite, and every pair composes or is declared
+incompatible (autocompress.testing)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from autocompress import testing
+from autocompress.registry import load_registry
+
+REGISTRY = load_registry(selection="builtin")
+NAMES = REGISTRY.names()
+
+
+def test_all_builtins_are_registered():
+    # The seven techniques of the product; a missing one means a broken entry point.
+    expected = {"head_pruning", "quantization"}
+    assert expected <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declaration(name):
+    testing.check_declaration(REGISTRY.get(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identity(name):
+    testing.check_identity(REGISTRY.get(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_effect(name):
+    testing.check_effect(REGISTRY.get(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_reload(name):
+    testing.check_save_reload(REGISTRY.get(name), REGISTRY)
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(NAMES, 2)))
+def test_pair_composes_or_is_declared_incompatible(a, b):
+    reason = testing.check_pair(REGISTRY.get(a), REGISTRY.get(b), REGISTRY)
+    if reason is not None:
+        assert len(reason) > 20, f"{a}+{b}: an incompatibility needs a reason a user can act on, got {reason!r}"
+
+
+def test_contract_catches_a_false_claim():
+    """The suite can fail: a technique claiming to reduce params that does nothing is caught."""
+    from autocompress.technique import Technique
+
+    class Liar(Technique):
+        name = "liar"
+        reduces = frozenset({"params"})
+
+    with pytest.raises(AssertionError, match="claims to reduce params"):
+        testing.check_effect(Liar())
+
+
+def test_contract_catches_a_broken_identity():
+    import torch
+
+    from autocompress.technique import Technique
+
+    class Noisy(Technique):
+        name = "noisy"
+
+        def identity_params(self):
+            return {}
+
+        def apply(self, model, *, params, ctx):
+            with torch.no_grad():
+                model.classifier.bias.add_(1.0)
+            return None
+
+    with pytest.raises(AssertionError, match="changed the outputs"):
+        testing.check_identity(Noisy())
+
+
+class TestHeadPruningViaMixin(testing.TechniqueContract):
+    """The mixin a third-party plugin uses, exercised on a built-in."""
+
+    technique = REGISTRY.get("head_pruning")
