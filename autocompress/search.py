@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import AutocompressError, StudyError
 from .registry import Registry
-from .space import Suggester, resolve_space, sample
+from .space import Suggester, enqueued_params, resolve_space, sample
 from .spec import Spec, dump_spec
 
 SPEC_FILE = "spec.resolved.yaml"
@@ -130,8 +130,15 @@ def mark_stale_running(study: Any) -> int:
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _requeue(study, t)
         n += 1
     return n
+
+
+def _requeue(study: Any, trial: Any) -> None:
+    """An enqueued pipeline that was cut off is queued again, so a resumed study still runs it."""
+    if "enqueued" in trial.user_attrs:
+        study.enqueue_trial(dict(trial.params), user_attrs={"enqueued": trial.user_attrs["enqueued"]})
 
 
 class _Progress:
@@ -182,6 +189,11 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 "Give the changed spec a new study name (--set study=NEW), or delete the folder to start over."
             )
     study = open_study(spec, d)
+    if spec.search.enqueue and not study.user_attrs.get("enqueued"):
+        for i, pipeline in enumerate(spec.search.enqueue):
+            study.enqueue_trial(enqueued_params(space, pipeline, where=f"search.enqueue[{i}]"),
+                                user_attrs={"enqueued": i})
+        study.set_user_attr("enqueued", len(spec.search.enqueue))
     stale = mark_stale_running(study)
     if stale:
         log(f"Marked {stale} interrupted trial(s) as failed; they do not count towards the total")
@@ -269,6 +281,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             current.set_user_attr("interrupted", True)
             current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
             study.tell(current, state=TrialState.FAIL)
+            _requeue(study, study._storage.get_trial(current._trial_id))
             shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
         progress.close()
         write_results(d, study=study, spec=spec)

@@ -158,6 +158,65 @@ def resolve_space(spec: Spec, registry: Registry) -> SearchSpace:
     return SearchSpace([spaces[t.name] for t in ordered])
 
 
+def enqueued_params(space: SearchSpace, pipeline: Mapping[str, Mapping[str, Any]], *, where: str) -> dict[str, Any]:
+    """The Optuna parameters that make :func:`sample` return exactly ``pipeline`` (``{technique: params}``;
+    techniques left out are off; a parameter left out takes the value the spec fixes, else the technique's
+    default)."""
+    spaces = {ts.technique.name: ts for ts in space.techniques}
+    for name in pipeline:
+        if name not in spaces:
+            raise SpecError(f"{where}: {name!r} is not in the spec's techniques section; add it there "
+                            f"(known here: {', '.join(spaces)})")
+        if spaces[name].enabled is False:
+            raise SpecError(f"{where}: techniques.{name} is enabled: false; set it to search to enqueue it")
+    for ts in space.active():
+        if ts.enabled is True and ts.technique.name not in pipeline:
+            raise SpecError(f"{where}: techniques.{ts.technique.name} is enabled: true, so every pipeline must "
+                            f"include it; add it or set it to enabled: search")
+    names = list(pipeline)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            reason = incompatibility(spaces[a].technique, spaces[b].technique)
+            if reason:
+                raise SpecError(f"{where}: {a} and {b} are incompatible: {reason}")
+    fixed: dict[str, Any] = {}
+    for ts in space.active():
+        tech = ts.technique
+        on = tech.name in pipeline
+        if ts.enabled == "search":
+            fixed[f"{tech.name}.enabled"] = on
+        if not on:
+            continue
+        given = dict(pipeline[tech.name] or {})
+        known = {p.name: p for p in tech.params}
+        for pname in given:
+            if pname not in known:
+                raise SpecError(f"{where}.{tech.name}: no parameter {pname!r}.{close_matches(pname, list(known))} "
+                                f"Its parameters: {', '.join(known) or '(none)'}.")
+        spec_fixed = {k: d.value for k, d in ts.domains.items() if isinstance(d, Fixed)}
+        values = {**tech.defaults(), **spec_fixed, **given}
+        for pname, dom in ts.domains.items():
+            try:
+                value = known[pname].check(values[pname])
+            except ValueError as exc:
+                raise SpecError(f"{where}.{tech.name}.{pname}: {exc}") from None
+            if isinstance(dom, Fixed):
+                if value != dom.value:
+                    raise SpecError(f"{where}.{tech.name}.{pname}: {value!r}, but the spec fixes it at "
+                                    f"{dom.value!r}; widen techniques.{tech.name}.params.{pname}")
+                continue
+            inside = (value in dom.choices if isinstance(dom, Choices) else dom.low <= value <= dom.high)
+            if not inside:
+                raise SpecError(f"{where}.{tech.name}.{pname}: {value!r} is outside the spec's search domain "
+                                f"{dom}; widen techniques.{tech.name}.params.{pname}")
+            fixed[f"{tech.name}.{pname}"] = value
+        try:
+            tech.validate(values)
+        except ValueError as exc:
+            raise SpecError(f"{where}.{tech.name}: {exc}") from None
+    return fixed
+
+
 def incompatibility(a: Technique, b: Technique) -> str | None:
     if a.name == b.name:
         return None

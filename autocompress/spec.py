@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -120,6 +120,11 @@ class SearchSpec(_Strict):
     population_size: int | None = Field(None, ge=2, description="NSGA-II population (default: min(20, trials))")
     storage: str | None = Field(None, description="Optuna storage URL; default: SQLite in the study folder")
     keep_models: Literal["front", "all", "none"] = Field("front", description="which trial models stay on disk")
+    enqueue: list[dict[str, Optional[dict[str, Any]]]] = Field(
+        default_factory=list,
+        description="pipelines ({technique: {param: value}}) run first, exactly as given, before the sampler "
+        "proposes any; unset parameters take the spec's fixed value or the technique's default; unlisted "
+        "techniques are off")
 
 
 class ConstraintSpec(_Strict):

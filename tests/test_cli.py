@@ -176,3 +176,28 @@ def test_bad_input_gives_clear_error_and_exit_code(tmp_path, tiny_model_dir, env
     assert proc.returncode == 2 and "not found" in proc.stderr
     proc = cli("pareto", "nothing-here", cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 2 and "no study 'nothing-here'" in proc.stderr
+
+
+def test_enqueued_pipelines_run_first_exactly_as_given(tmp_path, tiny_model_dir, tiny_data_dir, env):
+    extra = ("search:\n  trials: 3\n  sampler: random\n  enqueue:\n"
+             "    - {head_pruning: {fraction: 0.5}}\n"
+             "    - {quantization: {}}\n"
+             "    - {head_pruning: {fraction: 0.25}, quantization: null}\n")
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, trials=3)
+    text = spec.read_text()
+    spec.write_text(text[: text.index("search:")] + extra)
+    cli("search", str(spec), cwd=tmp_path, env=env)
+    trials = json.loads((tmp_path / "results" / "tiny" / "trials.json").read_text())["trials"]
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    assert [t["pipeline"] for t in done] == [["head_pruning"], ["quantization"], ["head_pruning", "quantization"]]
+    assert done[0]["params"]["head_pruning"]["fraction"] == 0.5
+    assert done[2]["params"]["head_pruning"]["fraction"] == 0.25
+
+
+def test_bad_enqueued_pipeline_is_a_spec_error(tmp_path, tiny_model_dir, tiny_data_dir, env):
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, trials=1)
+    text = spec.read_text()
+    spec.write_text(text[: text.index("search:")] + "search:\n  enqueue:\n    - {head_pruning: {fraction: 0.95}}\n")
+    proc = cli("search", str(spec), cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "search.enqueue[0].head_pruning.fraction" in proc.stderr and "0.95" in proc.stderr
