@@ -174,6 +174,27 @@ def show(
         out.print(f"model: {res_dir}", highlight=False)
 
 
+@app.command()
+def table(
+    study: str = typer.Argument(..., help="Study name (under --results-dir) or its folder."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write markdown here (default: print it)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Heading of the table."),
+    results_dir: Path = ResultsOpt,
+) -> None:
+    """Every trial relative to the baseline: accuracy delta, speed-up per batch size, size/params/FLOPs."""
+    import tempfile
+
+    from .tables import write_table
+
+    d = _study_path(study, results_dir)
+    if output is not None:
+        path = write_table(d, output, title=title)
+        err.print(f"Wrote {path}", highlight=False)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out.print((write_table(d, Path(tmp) / "table.md", title=title)).read_text(), markup=False, highlight=False)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, job schedulers) stops as cleanly as Ctrl-C
 

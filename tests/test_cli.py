@@ -201,3 +201,12 @@ def test_bad_enqueued_pipeline_is_a_spec_error(tmp_path, tiny_model_dir, tiny_da
     proc = cli("search", str(spec), cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "search.enqueue[0].head_pruning.fraction" in proc.stderr and "0.95" in proc.stderr
+
+
+def test_table_command_writes_markdown(tmp_path, tiny_model_dir, tiny_data_dir, env):
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, trials=2)
+    cli("search", str(spec), cwd=tmp_path, env=env)
+    cli("table", "tiny", "--out", "t.md", cwd=tmp_path, env=env)
+    text = (tmp_path / "t.md").read_text()
+    assert "Reproduce: `autocompress search" in text and "bs8 speed-up" in text
+    assert text.count("\n| ") >= 3  # header + 2 trials
