@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .errors import TrialError
-from .technique import Requirement, Technique, TechniqueContext, TrainingHooks
+from .technique import Requirement, Stage, Technique, TechniqueContext, TrainingHooks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,8 +50,8 @@ def run_pipeline(
 
     ``train(model, hooks)`` runs recovery training and returns its stats; it is called when a structural
     change was made or a technique asked for training hooks (and skipped when ``train`` is ``None``).
-    ``before_finalize(model)`` runs between training and the post-training transforms (the engine counts
-    FLOPs there, since quantised kernels are invisible to the FLOP counter).
+    ``before_finalize(model)`` runs after the structural finalizes and before the post-training transforms
+    (the engine counts FLOPs there, since quantised kernels are invisible to the FLOP counter).
     """
     check_supported(model, [t for t, _ in steps], device=device)
     for tech, params in steps:
@@ -69,10 +69,21 @@ def run_pipeline(
     hooks = [h for tech, params in steps if (h := tech.training_hooks(model, params=dict(params), ctx=ctx))]
     if train is not None and (result.recipe or hooks):
         result.train_stats = train(model, hooks)
+    # Structural finalizes (e.g. movement pruning removing masked heads) come before ``before_finalize``
+    # so that FLOPs are counted on the final architecture; post-training transforms (quantisation) after,
+    # since the FLOP counter cannot see quantised kernels.
+    early = [s for s in steps if s[0].stage < Stage.POST_TRAINING]
+    post = [s for s in steps if s[0].stage >= Stage.POST_TRAINING]
+    _finalize(model, early, ctx, result)
     if before_finalize is not None:
         before_finalize(model)
+    _finalize(model, post, ctx, result)
+    return result
+
+
+def _finalize(model: "nn.Module", steps: Sequence[tuple[Technique, Mapping[str, Any]]], ctx: TechniqueContext,
+              result: PipelineResult) -> None:
     for tech, params in steps:
         record = tech.finalize(model, params=dict(params), ctx=ctx)
         if record is not None:
             result.recipe.append({"technique": tech.name, "phase": "finalize", "params": dict(params), "record": record})
-    return result

@@ -189,10 +189,11 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 "Give the changed spec a new study name (--set study=NEW), or delete the folder to start over."
             )
     study = open_study(spec, d)
-    if spec.search.enqueue and not study.user_attrs.get("enqueued"):
-        for i, pipeline in enumerate(spec.search.enqueue):
-            study.enqueue_trial(enqueued_params(space, pipeline, where=f"search.enqueue[{i}]"),
-                                user_attrs={"enqueued": i})
+    # Pipelines appended to search.enqueue since the last run are queued on resume (extend a grid).
+    queued = int(study.user_attrs.get("enqueued", 0))
+    for i, pipeline in enumerate(spec.search.enqueue[queued:], start=queued):
+        study.enqueue_trial(enqueued_params(space, pipeline, where=f"search.enqueue[{i}]"), user_attrs={"enqueued": i})
+    if len(spec.search.enqueue) > queued:
         study.set_user_attr("enqueued", len(spec.search.enqueue))
     stale = mark_stale_running(study)
     if stale:

@@ -16,7 +16,8 @@ NAMES = REGISTRY.names()
 
 def test_all_builtins_are_registered():
     # The seven techniques of the product; a missing one means a broken entry point.
-    expected = {"head_pruning", "quantization"}
+    expected = {"head_pruning", "movement_pruning", "low_rank", "weight_sharing", "distillation", "quantization",
+                "token_elimination"}
     assert expected <= set(NAMES)
 
 
