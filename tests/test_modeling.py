@@ -44,9 +44,9 @@ def compress(model, registry, pipeline):
     [
         {},
         {"head_pruning": {"fraction": 0.5, "min_heads_per_layer": 1, "importance_batches": 2}},
-        {"quantization": {"dtype": "int8", "per_channel": True, "include_classifier": False}},
+        {"quantization": {"dtype": "int8", "granularity": "channel", "embeddings": False, "include_classifier": False}},
         {"head_pruning": {"fraction": 0.5, "min_heads_per_layer": 1, "importance_batches": 2},
-         "quantization": {"dtype": "int8", "per_channel": False, "include_classifier": True}},
+         "quantization": {"dtype": "int8", "granularity": "tensor", "embeddings": False, "include_classifier": True}},
     ],
     ids=["plain", "pruned", "int8", "pruned+int8"],
 )
@@ -71,7 +71,7 @@ def test_pruned_and_quantised_model_is_smaller_on_disk(tmp_path, registry):
         "plain": {},
         "pruned": {"head_pruning": {"fraction": 0.5, "min_heads_per_layer": 1, "importance_batches": 2}},
         "pruned+int8": {"head_pruning": {"fraction": 0.5, "min_heads_per_layer": 1, "importance_batches": 2},
-                        "quantization": {"dtype": "int8", "per_channel": True, "include_classifier": False}},
+                        "quantization": {"dtype": "int8", "granularity": "channel", "embeddings": False, "include_classifier": False}},
     }.items():
         model = make_tiny_classifier(hidden=64, intermediate=256)
         base, recipe = compress(model, registry, pipeline)

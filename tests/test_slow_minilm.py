@@ -30,7 +30,7 @@ def test_minilm_prune_quantise_save_reload(tmp_path):
     ctx = TechniqueContext(train_batches=batches)
     base = config_snapshot(model)
     hp = {"fraction": 0.5, "min_heads_per_layer": 1, "importance_batches": 2}
-    q = {"dtype": "int8", "per_channel": True, "include_classifier": False}
+    q = {"dtype": "int8", "granularity": "channel", "embeddings": False, "include_classifier": False}
     recipe = [{"technique": "head_pruning", "phase": "apply", "params": hp,
                "record": reg.get("head_pruning").apply(model, params=hp, ctx=ctx)}]
     after_pruning = param_count(model)

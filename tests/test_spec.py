@@ -78,8 +78,8 @@ def test_bad_spec_structure(data, needles):
         ({"head_pruning": {"params": {"fraction": [0.6, 0.2]}}}, ["inverted", "0.6", "0.2"]),
         ({"head_pruning": {"params": {"fraction": [0.1, 2.0]}}}, ["fraction", "2.0", "[0.0, 0.9]"]),
         ({"head_pruning": {"params": {"fraction": "lots"}}}, ["fraction", "lots"]),
-        ({"quantization": {"params": {"per_channel": "yes"}}}, ["per_channel", "yes"]),
-        ({"quantization": {"params": {"per_channel": []}}}, ["per_channel", "empty"]),
+        ({"quantization": {"params": {"granularity": "yes"}}}, ["granularity", "yes"]),
+        ({"quantization": {"params": {"granularity": []}}}, ["granularity", "empty"]),
         ({"head_pruning": {"enabled": False}}, ["enable at least one"]),
     ],
 )
