@@ -256,7 +256,8 @@ class Technique:
 
     def example_params(self) -> dict[str, Any]:
         """A setting with a clearly observable effect on a tiny model; the contract suite checks the
-        ``reduces`` claims with it and composes it with every other technique."""
+        ``reduces`` claims with it and composes it with every other technique. An override may take a
+        keyword-only ``device`` (``"cpu"``, ``"cuda"``) when the best example differs by device."""
         return self.defaults()
 
     def validate(self, params: Mapping[str, Any]) -> None:

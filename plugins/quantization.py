@@ -469,7 +469,9 @@ class Quantization(Technique):
     )
     reduces = frozenset({"size", "latency"})
 
-    def example_params(self) -> dict[str, Any]:
+    def example_params(self, *, device: str = "cpu") -> dict[str, Any]:
+        if not str(device).startswith("cpu"):
+            return {"dtype": "bf16", "embeddings": True}  # int8 Linears run CPU kernels only
         return {"dtype": "int8", "granularity": "channel", "embeddings": True}
 
     def _full(self, params: Mapping[str, Any]) -> dict[str, Any]:
