@@ -191,8 +191,11 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     study = open_study(spec, d)
     # Pipelines appended to search.enqueue since the last run are queued on resume (extend a grid).
     queued = int(study.user_attrs.get("enqueued", 0))
-    for i, pipeline in enumerate(spec.search.enqueue[queued:], start=queued):
-        study.enqueue_trial(enqueued_params(space, pipeline, where=f"search.enqueue[{i}]"), user_attrs={"enqueued": i})
+    # Validate every new pipeline before queueing any, so a bad entry never leaves half a grid queued.
+    new = [(i, enqueued_params(space, p, where=f"search.enqueue[{i}]"))
+           for i, p in enumerate(spec.search.enqueue[queued:], start=queued)]
+    for i, params in new:
+        study.enqueue_trial(params, user_attrs={"enqueued": i})
     if len(spec.search.enqueue) > queued:
         study.set_user_attr("enqueued", len(spec.search.enqueue))
     stale = mark_stale_running(study)
