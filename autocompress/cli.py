@@ -182,17 +182,13 @@ def table(
     results_dir: Path = ResultsOpt,
 ) -> None:
     """Every trial relative to the baseline: accuracy delta, speed-up per batch size, size/params/FLOPs."""
-    import tempfile
-
-    from .tables import write_table
+    from .tables import study_table, write_table
 
     d = _study_path(study, results_dir)
     if output is not None:
-        path = write_table(d, output, title=title)
-        err.print(f"Wrote {path}", highlight=False)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        out.print((write_table(d, Path(tmp) / "table.md", title=title)).read_text(), markup=False, highlight=False)
+        err.print(f"Wrote {write_table(d, output, title=title)}", highlight=False)
+    else:
+        out.print(study_table(d, title=title), markup=False, highlight=False)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -99,9 +99,8 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, An
     return "\n".join(lines) + "\n"
 
 
-def write_table(study_dir: str | Path, out: str | Path, *, title: str | None = None,
-                notes: Sequence[str] = ()) -> Path:
-    """Render the comparison table of a study folder to ``out`` (markdown)."""
+def study_table(study_dir: str | Path, *, title: str | None = None, notes: Sequence[str] = ()) -> str:
+    """The comparison table of a study folder, as markdown."""
     from .registry import load_registry
     from .results import load_results
 
@@ -110,9 +109,14 @@ def write_table(study_dir: str | Path, out: str | Path, *, title: str | None = N
     reg = load_registry()
     used = {name for r in rows for name in r["pipeline"]}
     claims = {n: sorted(reg.get(n).reduces) for n in used if n in reg.techniques}
-    text = render_markdown(rows, res.baseline, title=title or f"{res.spec.study}: trials relative to the baseline",
+    return render_markdown(rows, res.baseline, title=title or f"{res.spec.study}: trials relative to the baseline",
                            command=res.command, claims=claims, notes=notes)
+
+
+def write_table(study_dir: str | Path, out: str | Path, *, title: str | None = None,
+                notes: Sequence[str] = ()) -> Path:
+    """Render the comparison table of a study folder to ``out`` (markdown)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    out.write_text(study_table(study_dir, title=title, notes=notes), encoding="utf-8")
     return out

@@ -261,8 +261,17 @@ class Technique:
         return self.defaults()
 
     def validate(self, params: Mapping[str, Any]) -> None:
-        """Cross-parameter checks; raise ``ValueError`` with a clear message. Per-parameter ranges are
-        already checked by the engine."""
+        """Raise ``ValueError`` with a clear message for unknown names or out-of-domain values (this base
+        implementation); overrides call ``super().validate(params)`` and add cross-parameter checks."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"{self.name} has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
+        for name, value in params.items():
+            try:
+                known[name].check(value)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}.{name}: {exc}") from None
 
     def supports(self, model: "nn.Module", *, device: str = "cpu") -> str | None:
         """Return ``None`` if the technique can act on ``model`` on ``device`` (``"cpu"``, ``"cuda"``),

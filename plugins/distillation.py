@@ -255,17 +255,6 @@ class Distillation(Technique):
         self.validate(full)
         return full
 
-    def validate(self, params: Mapping[str, Any]) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"distillation has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
-        for name, value in params.items():
-            try:
-                known[name].check(value)
-            except ValueError as exc:
-                raise ValueError(f"distillation.{name}: {exc}") from None
-
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:
             layers = encoder_layers(model)

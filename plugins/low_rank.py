@@ -275,17 +275,6 @@ class LowRankFactorization(Technique):
         # Tiny model (hidden 32, FFN 64): rank 8 of 32 is well under break-even (16 and 21).
         return {"mode": "rank", "attention": 0.25, "ffn": 0.25, "embedding_dim": 0}
 
-    def validate(self, params: Mapping[str, Any]) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"low_rank has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
-        for name, value in params.items():
-            try:
-                known[name].check(value)
-            except ValueError as exc:
-                raise ValueError(f"low_rank.{name}: {exc}") from None
-
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:
             layers = encoder_layers(model)

@@ -406,15 +406,7 @@ class MovementPruning(Technique):
         return {"granularity": "hybrid", "sparsity": 0.5}
 
     def validate(self, params: Mapping[str, Any]) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"movement_pruning has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
-        for name, value in params.items():
-            try:
-                known[name].check(value)
-            except ValueError as exc:
-                raise ValueError(f"movement_pruning.{name}: {exc}") from None
+        super().validate(params)
         p = {**self.defaults(), **params}
         if p["initial_warmup"] + p["final_warmup"] >= 1.0:
             raise ValueError(f"movement_pruning: initial_warmup + final_warmup must be < 1 to leave steps for the "

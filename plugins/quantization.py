@@ -482,18 +482,10 @@ class Quantization(Technique):
         return p
 
     def validate(self, params: Mapping[str, Any]) -> None:
-        known = {p.name: p for p in self.params}
         if "per_channel" in params:
             raise ValueError("quantization.per_channel was replaced by granularity (per_channel: true -> "
                              "granularity: channel, false -> granularity: tensor)")
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"quantization has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
-        for name, value in params.items():
-            try:
-                known[name].check(value)
-            except ValueError as exc:
-                raise ValueError(f"quantization.{name}: {exc}") from None
+        super().validate(params)
         p = {**self.defaults(), **params}
         if p["qat"] and p["dtype"] != "int8":
             raise ValueError(f"quantization.qat fake-quantises to int8; it does not apply to dtype {p['dtype']} "

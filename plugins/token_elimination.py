@@ -316,17 +316,6 @@ class TokenElimination(Technique):
     def example_params(self) -> dict[str, Any]:
         return {"keep_final": 0.5}
 
-    def validate(self, params: Mapping[str, Any]) -> None:
-        for p in self.params:
-            if p.name in params:
-                try:
-                    p.check(params[p.name])
-                except ValueError as exc:
-                    raise ValueError(f"token_elimination.{p.name}: {exc}") from None
-        unknown = set(params) - {p.name for p in self.params}
-        if unknown:
-            raise ValueError(f"token_elimination: unknown parameters {sorted(unknown)}")
-
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:
             layers = encoder_layers(model)

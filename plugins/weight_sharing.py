@@ -122,17 +122,6 @@ class WeightSharing(Technique):
     def example_params(self) -> dict[str, Any]:
         return {"mode": "all", "init": "average"}
 
-    def validate(self, params: Mapping[str, Any]) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"weight_sharing has no parameter(s) {unknown}; its parameters: {', '.join(known)}")
-        for name, value in params.items():
-            try:
-                known[name].check(value)
-            except ValueError as exc:
-                raise ValueError(f"weight_sharing.{name}: {exc}") from None
-
     def supports(self, model: nn.Module, *, device: str = "cpu") -> str | None:
         try:
             encoder_layers(model)
