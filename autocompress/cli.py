@@ -98,6 +98,25 @@ def plugins(
         out.print("No techniques registered.")
 
 
+@app.command("new-plugin")
+def new_plugin(
+    name: str = typer.Argument(..., help="Technique name (lower_case_with_underscores), e.g. my_pruning."),
+    out_dir: Path = typer.Option(Path("."), "--out", "-o", help="Folder to create the package in."),
+) -> None:
+    """Create a technique plugin package that passes the contract suite; replace its TODO transform."""
+    from .scaffold import created_files, names_for
+    from .scaffold import new_plugin as make_plugin
+
+    target = make_plugin(name, out=out_dir)
+    module = target / names_for(name)["package"] / "plugin.py"
+    out.print(f"Created {target}/ (technique {name!r}):", highlight=False)
+    for rel in created_files(target):
+        out.print(f"  {rel}", highlight=False, markup=False)
+    out.print(f"Next: cd {shlex.quote(str(target))} && pip install -e . && pytest\n"
+              f"Then replace the block marked TODO in {module} (guide: docs/plugins.md).", highlight=False, markup=False,
+              soft_wrap=True)  # no hard wraps: the command and path stay copy-pasteable
+
+
 def _print_front(d: Path, *, fmt: str) -> None:
     from .report import front_table
     from .results import load_results
@@ -189,6 +208,56 @@ def table(
         err.print(f"Wrote {write_table(d, output, title=title)}", highlight=False)
     else:
         out.print(study_table(d, title=title), markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    study: str = typer.Argument(..., help="Study name (under --results-dir) or its folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write (must be new or empty, unless --force)."),
+    trial: Optional[int] = typer.Option(None, "--trial", "-t", help="Export this trial number."),
+    pick: Optional[str] = typer.Option(None, "--pick", help="Choose from the Pareto front: knee, best-accuracy or fastest."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --pick: at most this many accuracy points below the baseline (validation split)."),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="With --pick: at most this size (MB)."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="With --pick: at most this latency (ms/example, the front's latency objective)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx, checked against PyTorch and timed in ONNX Runtime."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task data, if it moved since the search (for verification and --onnx)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the export and check it reproduces the recorded held-out accuracy."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it holds a previous export."),
+    results_dir: Path = ResultsOpt,
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Export one trial as a self-contained model folder: weights, recipe, tokenizer, model card, export.json."""
+    from .export import export_trial
+
+    command = "autocompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    export_trial(_study_path(study, results_dir), out_dir, trial=trial, pick=pick, max_drop=max_drop,
+                 max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, onnx=onnx, data=data, verify=verify,
+                 force=force, command=command, registry=_registry(plugin), log=_log)
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A folder written by 'autocompress export'."),
+    texts: List[str] = typer.Argument(..., help="Texts to classify."),
+    pair_separator: Optional[str] = typer.Option(None, "--pair-separator", help="Split each text into a sentence pair at this string (for pair tasks)."),
+    format: str = typer.Option("table", "--format", "-f", help="table or json"),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Classify texts with an exported model: label and probability per text."""
+    from .export import Predictor
+
+    if format not in ("table", "json"):
+        raise typer.BadParameter(f"--format {format!r}: use 'table' or 'json'")
+    inputs = [tuple(t.split(pair_separator, 1)) if pair_separator else t for t in texts]
+    if pair_separator and any(len(t) != 2 for t in inputs):
+        bad = next(t for t, i in zip(texts, inputs) if len(i) != 2)
+        raise typer.BadParameter(f"--pair-separator {pair_separator!r} does not occur in {bad!r}; put it between the two sentences")
+    results = Predictor.load(model_dir, registry=_registry(plugin))(inputs)
+    if format == "json":
+        print(json.dumps([{"text": t, "label": lab, "probability": p} for t, (lab, p) in zip(texts, results)], indent=2))
+        return
+    for text, (label, prob) in zip(texts, results):
+        print(f"{label}\t{prob:.4f}\t{text}")  # plain tab-separated lines (rich would expand the tabs)
 
 
 def _terminate(signum: int, frame: object) -> None:

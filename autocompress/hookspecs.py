@@ -41,5 +41,5 @@ def register_techniques(register: Callable[..., None]) -> None:
     pipeline (``stage``: structural change before recovery training, training-time loss/mask hooks, or a
     post-training transform), what it needs from the engine (``requires``: teacher model, importance data,
     calibration data) and which techniques it cannot be combined with (``incompatible_with``, with a
-    reason). See ``docs`` in the README for the full contract.
+    reason). The full contract, with a worked example, is in ``docs/plugins.md``.
     """

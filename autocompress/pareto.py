@@ -174,6 +174,48 @@ def knee_index(front_min: np.ndarray) -> int:
     return int(np.argmin(np.linalg.norm(norm, axis=1)))
 
 
+PICKS = ("knee", "best")
+
+
+def pick_index(
+    values: np.ndarray,
+    directions: Sequence[str],
+    how: str,
+    *,
+    column: int = 0,
+    allowed: np.ndarray | Sequence[bool] | None = None,
+) -> int | None:
+    """Row of ``values`` (n, k; raw directions) chosen by ``how`` among the ``allowed`` rows, or ``None``
+    when no row is allowed.
+
+    * ``"knee"``: :func:`knee_index` over the allowed rows only, normalised over them, so a constraint
+      that removes the extremes moves the knee to the best balance among what is left (the same rule the
+      report uses for the whole front);
+    * ``"best"``: the best value in ``column`` (its direction decides), ties broken by the remaining
+      columns in order, then by the lower index, so the pick is deterministic.
+
+    Rows with a non-finite value are never picked. Indices refer to ``values``, not to the allowed subset.
+    """
+    vmin = to_minimization(values, directions)
+    if how not in PICKS:
+        raise ValueError(f"how must be one of {PICKS}, got {how!r}")
+    if not 0 <= column < vmin.shape[1]:
+        raise ValueError(f"column {column} is out of range for {vmin.shape[1]} objective column(s)")
+    ok = np.all(np.isfinite(vmin), axis=1)
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != ok.shape:
+            raise ValueError(f"allowed has shape {allowed.shape}, values has {vmin.shape[0]} rows")
+        ok &= allowed
+    rows = np.flatnonzero(ok)
+    if rows.size == 0:
+        return None
+    if how == "knee":
+        return int(rows[knee_index(vmin[rows])])
+    order = [column] + [j for j in range(vmin.shape[1]) if j != column]
+    return int(min(rows, key=lambda i: (*vmin[i, order].tolist(), int(i))))
+
+
 # ------------------------------------------------------------------------------------------- trial rows
 
 

@@ -165,6 +165,8 @@ def load_registry(*, extra_plugins: Sequence[str] = (), selection: str | None = 
     for spec in extra_plugins:
         try:
             module = _load_module(spec)
+            if pm.is_registered(module):
+                continue  # already loaded through its entry point (an installed plugin named again)
             pm.register(module, name=spec)
         except Exception as exc:
             registry.load_errors.append((spec, _short_reason(exc)))

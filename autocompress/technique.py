@@ -151,6 +151,22 @@ class TrainingHooks:
     parameters: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class OnnxInt8Linear:
+    """An int8 dynamic-quantised Linear as the ONNX graph must compute it (see :meth:`Technique.onnx_prepare`).
+
+    ``weight_int8``: int8 ``[out, in]``; ``scale``: float32 ``[out]``, one per output row. Activations are
+    quantised per call and per tensor, asymmetric, to ``activation_levels + 1`` levels (127: 7-bit, what
+    fbgemm's ``reduce_range`` does), from the min/max of the call including 0. The exporter emits exactly
+    that (``QuantizeLinear`` + ``MatMulInteger`` with int32 accumulation + one float rescale), so ONNX
+    Runtime runs int8 kernels on the very same int8 weights and reproduces the PyTorch outputs.
+    """
+
+    weight_int8: Any
+    scale: Any
+    activation_levels: int = 127
+
+
 class TechniqueContext:
     """Engine services available to a technique while it changes a model.
 
@@ -307,6 +323,25 @@ class Technique:
     ) -> None:
         """Rebuild the structure a phase (``"apply"`` or ``"finalize"``) produced, on a fresh model,
         so that the saved state dict loads into it. Weights are loaded afterwards."""
+
+    # -- deployment (autocompress export --onnx) ------------------------------------------------------
+    def onnx_support(self, params: Mapping[str, Any]) -> str | None:
+        """``None`` if a model this technique changed with ``params`` can be exported to ONNX (``torch.onnx``,
+        dynamo exporter) and run by ONNX Runtime on CPU; otherwise the reason, which ``autocompress export
+        --onnx`` reports under the technique's name instead of attempting an export that would fail deep
+        inside the exporter. The default says yes: modules built from standard torch ops export, and the
+        exporter still checks every exported model's predictions against PyTorch."""
+        return None
+
+    def onnx_prepare(
+        self, model: "nn.Module", *, params: Mapping[str, Any], record: Mapping[str, Any] | None
+    ) -> dict[str, OnnxInt8Linear] | None:
+        """Make a *copy* of the compressed model traceable just before ONNX export; called once per recipe
+        step of this technique, in recipe order. Swap modules the exporter cannot trace (opaque int8 kernels)
+        for ``nn.Linear`` holding their dequantised weights, and return ``{module name: OnnxInt8Linear}`` for
+        them: the exporter then replaces those float MatMuls by the int8 computation they stand for.
+        ``None`` (the default) when nothing needs changing."""
+        return None
 
     def __repr__(self) -> str:
         return f"<Technique {self.name}>"

@@ -34,6 +34,11 @@ removed after the last training step and again by finalize.
 
 Composition: shared modules (weight sharing) are quantised once and replaced wherever they are used;
 other linear-like modules (e.g. movement pruning's ``SparseLinear``) stay float, and are logged.
+
+ONNX (``autocompress export --onnx``): int8 Linears are handed to the exporter with their int8 weights and
+scales (``onnx_prepare``), which emits the same computation as ONNX int8 ops (``QuantizeLinear`` with 7-bit
+activations + ``MatMulInteger``); int8 embeddings and fp16 export as they are; bf16 is refused (ONNX
+Runtime has no bfloat16 CPU kernels).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from torch import nn
 
 from autocompress import hookimpl
 from autocompress.surgery import base_prefix, unique_layers
-from autocompress.technique import CategoricalParam, IntParam, Stage, Technique, TechniqueContext, TrainingHooks
+from autocompress.technique import (CategoricalParam, IntParam, OnnxInt8Linear, Stage, Technique, TechniqueContext,
+                                    TrainingHooks)
 
 _KERNEL_ENGINES = ("x86", "fbgemm", "onednn")
 GRANULARITIES = ("channel", "group", "tensor")
@@ -575,6 +581,40 @@ class Quantization(Technique):
         dtype = record.get("dtype", "int8")
         if dtype in FLOAT_DTYPES:
             model.to(FLOAT_DTYPES[dtype])
+
+    # -- ONNX export ------------------------------------------------------------------------------------
+    def onnx_support(self, params: Mapping[str, Any]) -> str | None:
+        # Measured with torch 2.13 / onnxruntime 1.31: fp16 graphs run on ONNX Runtime's CPU provider, bf16
+        # ones do not (no bfloat16 Add/MatMul kernels: NOT_IMPLEMENTED when the session runs).
+        if self._full(params)["dtype"] == "bf16":
+            return ("dtype bf16: ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul), so the "
+                    "exported graph would not run; export an fp16 or int8 trial instead")
+        return None
+
+    def onnx_prepare(self, model: nn.Module, *, params: Mapping[str, Any],
+                     record: Mapping[str, Any] | None) -> dict[str, OnnxInt8Linear] | None:
+        """int8 Linears call ``quantized::linear_dynamic`` on an opaque packed weight that torch.onnx cannot
+        trace: each becomes an ``nn.Linear`` holding the weight the kernel multiplies by (int8 x scale) for
+        the trace, and is handed back with its int8 weight and per-row scales, which the exporter lowers to
+        ONNX's ``QuantizeLinear`` (7-bit activations, as fbgemm) + ``MatMulInteger``. Int8 embeddings are
+        plain gathers and export as int8 tables unchanged."""
+        if not record or record.get("dtype", "int8") != "int8":
+            return None
+        out: dict[str, OnnxInt8Linear] = {}
+        for name in record.get("quantized", []):
+            q = model.get_submodule(name)
+            if not isinstance(q, Int8DynamicLinear):
+                continue
+            linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(q.dequantized_weight())
+                if q.bias is not None:
+                    linear.bias.copy_(q.bias)
+            replace_everywhere(model, q, linear)  # a shared (weight sharing) layer is swapped everywhere
+            out[name] = OnnxInt8Linear(weight_int8=q.weight_int8.clone(),
+                                       scale=row_scales(q.weight_scale, q.group_size, q.out_features).float().clone(),
+                                       activation_levels=127)  # reduce_range: 7-bit activations, see forward
+        return out
 
 
 @hookimpl

@@ -45,7 +45,7 @@ Limits: encoder-only BERT-like models without a KV cache; [CLS] is the first pos
 gradient checkpointing is refused (the per-call hook would be missing in the recomputation); the
 attention-kernel switch writes ``config._attn_implementation`` during the forward, so one model must not
 run forwards from two threads at once. Tokens are chosen with ``argsort`` per layer, a small cost the
-FLOP counter does not see.
+FLOP counter does not see. No ONNX export: the data-dependent lengths cannot be traced (``onnx_support``).
 """
 
 from __future__ import annotations
@@ -390,6 +390,14 @@ class TokenElimination(Technique):
             install(model, fractions)
         else:
             _wrapper(model).fractions = fractions
+
+    def onnx_support(self, params: Mapping[str, Any]) -> str | None:
+        # Refused whatever the params (keep_final 1 included): the encoder decides per batch, from the
+        # data, whether a layer eliminates (a Python branch on a tensor value), and the kept lengths come
+        # from the attention probabilities; torch.export cannot trace either into a static ONNX graph
+        # (GuardOnDataDependentSymNode with torch 2.13).
+        return ("the number of tokens kept is computed from each batch's lengths and attention (data-dependent "
+                "branches and shapes, argsort and gather), which torch.export cannot trace into an ONNX graph")
 
 
 @hookimpl

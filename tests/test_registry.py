@@ -95,3 +95,71 @@ def test_core_never_imports_plugins():
     for f in core.glob("*.py"):
         for line in f.read_text().splitlines():
             assert not line.strip().startswith(("import plugins", "from plugins")), f"{f.name}: {line}"
+
+
+# -- plugin selection and isolation through installed entry points (AUTOCOMPRESS_PLUGINS) ---------------------
+
+
+def _fake_dist(root, *, dist: str, module: str, source: str, ep_name: str) -> None:
+    """An installed distribution on sys.path: a module plus a dist-info folder with its entry point."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[autocompress]\n{ep_name} = {module}\n")
+
+
+def test_entry_point_that_raises_on_import_is_named_and_the_rest_load(tmp_path, monkeypatch):
+    _fake_dist(tmp_path, dist="crashy-tech", module="crashy_tech_mod", ep_name="crashy",
+               source="raise RuntimeError('crashy needs CUDA 99')\n")
+    _fake_dist(tmp_path, dist="fine-tech", module="fine_tech_mod", ep_name="fine",
+               source=GOOD_PLUGIN.format(suffix="fine"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("AUTOCOMPRESS_PLUGINS", raising=False)
+    reg = load_registry()
+    errors = dict(reg.load_errors)
+    assert "RuntimeError: crashy needs CUDA 99" in errors["crashy"] and "crashy_tech_mod.py:1" in errors["crashy"]
+    assert {"noop_fine", "head_pruning", "quantization"} <= set(reg.names())
+
+
+def test_register_hook_that_raises_or_hands_back_a_class_is_named(tmp_path):
+    raising = tmp_path / "raising.py"
+    raising.write_text("from autocompress import hookimpl\n@hookimpl\ndef register_techniques(register):\n"
+                       "    raise KeyError('missing config')\n")
+    klass = tmp_path / "klass.py"
+    klass.write_text(GOOD_PLUGIN.format(suffix="klass").replace("register(Noop())", "register(Noop)"))
+    reg = load_registry(selection="none", extra_plugins=[str(raising), str(klass)])
+    errors = dict(reg.load_errors)
+    assert errors[str(raising)].startswith("register_techniques raised KeyError: 'missing config'")
+    assert "registered the class Noop; register an instance: register(Noop())" in errors[str(klass)]
+    assert reg.names() == []
+
+
+def test_selection_env_var(tmp_path, monkeypatch):
+    _fake_dist(tmp_path, dist="sel-tech", module="sel_tech_mod", ep_name="sel", source=GOOD_PLUGIN.format(suffix="sel"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = {}
+    for value in ("all", "builtin", "none", "sel", "builtin, sel", "head_pruning,sel"):
+        monkeypatch.setenv("AUTOCOMPRESS_PLUGINS", value)
+        loaded[value] = set(load_registry().names())
+    assert {"noop_sel", "head_pruning"} <= loaded["all"]
+    assert "noop_sel" not in loaded["builtin"] and "head_pruning" in loaded["builtin"]
+    assert loaded["none"] == set()
+    assert loaded["sel"] == {"noop_sel"}
+    assert loaded["builtin, sel"] == loaded["all"]
+    assert loaded["head_pruning,sel"] == {"head_pruning", "noop_sel"}
+    monkeypatch.setenv("AUTOCOMPRESS_PLUGINS", "none")
+    assert "noop_file" in load_registry(extra_plugins=[_good_file(tmp_path)]).names()  # --plugin always loads
+
+
+def _good_file(tmp_path) -> str:
+    path = tmp_path / "good_file.py"
+    path.write_text(GOOD_PLUGIN.format(suffix="file"))
+    return str(path)
+
+
+def test_installed_plugin_named_again_with_plugin_loads_once_without_error():
+    # A contract test lists its plugin module (plugins = [...]) whether or not the package is installed.
+    reg = load_registry(selection="builtin", extra_plugins=["plugins.head_pruning"])
+    assert reg.load_errors == []
+    assert reg.techniques["head_pruning"].source == "builtin"

@@ -38,7 +38,10 @@ def test_minilm_prune_quantise_save_reload(tmp_path):
     recipe.append({"technique": "quantization", "phase": "finalize", "params": q,
                    "record": reg.get("quantization").finalize(model, params=q, ctx=ctx)})
     size = save_compressed(model, tmp_path / "m", base_config=base, recipe=recipe)
-    assert size < 0.5 * 4 * before  # int8 encoder: well under half of the fp32 bytes
+    # Embeddings stay fp32 (embeddings=False); the pruned encoder Linears are int8 (1 byte per weight plus
+    # per-channel scales), so the file is the fp32 embeddings plus about a quarter of the rest in fp32.
+    emb = sum(p.numel() for p in model.bert.embeddings.parameters())
+    assert 4 * emb < size < 4 * emb + 0.4 * 4 * (after_pruning - emb)
     with torch.inference_mode():
         expected = model(**batch).logits
         assert torch.equal(load_compressed(tmp_path / "m", registry=reg)(**batch).logits, expected)
