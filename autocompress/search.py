@@ -71,15 +71,20 @@ def open_study(spec: Spec, d: Path, *, create: bool = True):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = spec.search.storage or f"sqlite:///{d / 'study.db'}"
+    url = spec.search.storage or f"sqlite:///{d / 'study.db'}"
     directions = [direction for _, direction in spec.objective_list()]
     try:
+        storage: Any = url
+        if url.startswith("sqlite:"):
+            # Readers (`autocompress pareto`/`show`, optuna-dashboard) may hold the file briefly while a trial
+            # is recorded; wait for them (sqlite's default is 5 s) rather than fail the write with "locked".
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         if create:
             return optuna.create_study(study_name=spec.study, storage=storage, directions=directions,
                                        sampler=make_sampler(spec, len(directions)), load_if_exists=True)
         return optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec, len(directions)))
     except (KeyError, ValueError) as exc:
-        raise StudyError(f"cannot open study {spec.study!r} in storage {storage!r}: {exc}") from None
+        raise StudyError(f"cannot open study {spec.study!r} in storage {url!r}: {exc}") from None
 
 
 def constraint_values(metrics: dict[str, Any], baseline: dict[str, Any], spec: Spec) -> dict[str, float]:
