@@ -8,6 +8,8 @@ same command resumes to the requested total without redoing finished trials.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import shutil
@@ -85,6 +87,27 @@ def open_study(spec: Spec, d: Path, *, create: bool = True):
         return optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec, len(directions)))
     except (KeyError, ValueError) as exc:
         raise StudyError(f"cannot open study {spec.study!r} in storage {url!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM while Optuna creates a trial: a signal inside ``study.ask()`` would leave a
+    RUNNING trial that this process never learns about (resume would still mark it stale, but the results
+    folder should be consistent the moment the process exits). Yields the list of signals received."""
+    import signal
+    import threading
+
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield pending
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def constraint_values(metrics: dict[str, Any], baseline: dict[str, Any], spec: Spec) -> dict[str, float]:
@@ -236,7 +259,10 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     current = None  # the asked, not yet told, trial
     try:
         while done < spec.search.trials:
-            trial = current = study.ask()
+            with _signals_deferred() as pending:
+                trial = current = study.ask()
+            if pending:
+                raise KeyboardInterrupt
             pipeline = sample(space, Suggester(trial))
             trial.set_user_attr("pipeline", list(pipeline))
             trial.set_user_attr("params", pipeline)
