@@ -1,6 +1,6 @@
 """Model surgery helpers for BERT-like classifiers, public so that built-in and third-party technique
 plugins share one tested implementation (finding the encoder layers, slicing Linear layers, replacing
-modules, physically removing heads and FFN neurons).
+modules, physically removing heads, FFN neurons and whole layers).
 
 Every helper is safe on models whose layers share modules (cross-layer weight sharing): functions that
 change modules visit each distinct module object once, via :func:`unique_layers`.
@@ -174,3 +174,30 @@ def prune_ffn_neurons(model: "nn.Module", neurons_to_keep: Sequence[Sequence[int
         index = torch.tensor(keep, dtype=torch.long)
         layer.intermediate.dense = sliced_linear(layer.intermediate.dense, index, 0)
         layer.output.dense = sliced_linear(layer.output.dense, index, 1)
+
+
+def keep_layers(model: "nn.Module", keep: Sequence[int]) -> None:
+    """Keep only encoder layers ``keep`` (distinct indices, in order), deleting the others in place, and
+    update every config that records the depth."""
+    layers = encoder_layers(model)
+    n = len(layers)
+    keep = [int(k) for k in keep]
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
+        raise ValueError(f"invalid layers to keep {keep} for a model with {n} encoder layers")
+    # Delete in place so the ModuleList object (which other code may hold) survives; torch renumbers the
+    # remaining children 0..m-1, so state-dict keys become <base>.encoder.layer.0..m-1.
+    for i in reversed(range(n)):
+        if i not in keep:
+            del layers[i]
+    for position, layer in enumerate(layers):
+        # layer_idx only indexes decoder KV caches; keep it equal to the position like a fresh model.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+    # The model, base model and encoder normally share one config object; set each one that exists so a
+    # re-saved config (or code reading num_hidden_layers) sees the new depth.
+    base = base_model(model)
+    for owner in (model, base, getattr(base, "encoder", None)):
+        config = getattr(owner, "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(keep)

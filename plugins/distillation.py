@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress import hookimpl
-from autocompress.surgery import base_model, encoder_layers
+from autocompress.surgery import encoder_layers, keep_layers
 from autocompress.technique import (CategoricalParam, FloatParam, Requirement, Stage, Technique,
                                     TechniqueContext, TrainingHooks)
 
@@ -88,31 +88,6 @@ def kept_layers(n_layers: int, depth: float) -> list[int]:
     # round(i * (n - 1) / (m - 1)) half up, in integers (no float ties); m <= n makes the step >= 1, so the
     # indices are distinct and increasing.
     return [(2 * i * (n_layers - 1) + (m - 1)) // (2 * (m - 1)) for i in range(m)]
-
-
-def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
-    """Keep only encoder layers ``keep`` (sorted teacher indices), in place, and update the config."""
-    layers = encoder_layers(model)
-    n = len(layers)
-    keep = [int(k) for k in keep]
-    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
-        raise ValueError(f"invalid layers to keep {keep} for a model with {n} encoder layers")
-    # Delete in place so the ModuleList object (which other code may hold) survives; torch renumbers the
-    # remaining children 0..m-1, so state-dict keys become bert.encoder.layer.0..m-1.
-    for i in reversed(range(n)):
-        if i not in keep:
-            del layers[i]
-    for position, layer in enumerate(layers):
-        # layer_idx only indexes decoder KV caches; keep it equal to the position anyway.
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = position
-    # The model, base model and encoder normally share one config object; set each one that exists.
-    base = base_model(model)
-    for owner in (model, base, getattr(base, "encoder", None)):
-        config = getattr(owner, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
-            config.num_hidden_layers = len(keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +248,7 @@ class Distillation(Technique):
             return None  # full depth: nothing changed, no recipe step
         if len(set(map(id, encoder_layers(model)))) != n:
             raise ValueError("distillation must reduce depth before layers are shared (weight_sharing)")
-        drop_layers(model, keep)
+        keep_layers(model, keep)
         ctx.log(f"distillation: student keeps teacher layers {keep} of {n}")
         return {"teacher_layers": n, "kept_layers": keep}
 
@@ -285,7 +260,7 @@ class Distillation(Technique):
         if int(record["teacher_layers"]) != n:
             raise ValueError(f"distillation record was made on a {record['teacher_layers']}-layer model; this "
                              f"one has {n}")
-        drop_layers(model, [int(k) for k in record["kept_layers"]])
+        keep_layers(model, [int(k) for k in record["kept_layers"]])
 
     # -- training -------------------------------------------------------------------------------------
     def training_hooks(self, model: nn.Module, *, params: Mapping[str, Any],

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from autocompress import hookimpl
-from autocompress.surgery import base_model, encoder_layers
+from autocompress.surgery import encoder_layers, keep_layers
 from autocompress.technique import CategoricalParam, FloatParam, Stage, Technique, TechniqueContext
 
 STRATEGIES = ("top", "bottom", "every_other", "middle")
@@ -84,22 +84,9 @@ def remove_layers(model: nn.Module, dropped: Sequence[int]) -> None:
     dropped = sorted({int(i) for i in dropped})
     if dropped and (dropped[0] < 0 or dropped[-1] >= n or len(dropped) >= n):
         raise ValueError(f"cannot drop layers {dropped} from a model with {n} encoder layers (one must stay)")
-    # Delete from the end so earlier indices stay valid; deleting in place keeps the ModuleList object
-    # (other code may hold it) and torch renumbers the children, so state-dict keys become layer.0..m-1.
-    for i in reversed(dropped):
-        del layers[i]
-    for position, layer in enumerate(layers):
-        # layer_idx only indexes decoder KV caches, but keep it equal to the position like a fresh model.
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = position
-    # The classifier, base model and encoder normally share one config object; set each that exists so a
-    # re-saved config (or code reading num_hidden_layers) sees the new depth.
-    base = base_model(model)
-    for owner in (model, base, getattr(base, "encoder", None)):
-        config = getattr(owner, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
-            config.num_hidden_layers = len(layers)
+    # autocompress.surgery deletes in place (the ModuleList object survives, state-dict keys renumber)
+    # and updates num_hidden_layers on every config that records it.
+    keep_layers(model, [i for i in range(n) if i not in dropped])
 
 
 # ----------------------------------------------------------------------------------------------------------
