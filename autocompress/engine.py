@@ -180,15 +180,23 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
     for label, enc in (("train", train), ("validation", validation), ("evaluation", evaluation)):
         if enc.truncated:
             notes.append(f"{enc.truncated} {label} examples were truncated to model.max_length={spec.model.max_length} tokens")
-    latency_split = data.evaluation.subset(spec.measurement.latency_examples, seed=spec.seed)
-    latency_sets = {}
-    for bs in spec.measurement.batch_sizes:
-        n = min(len(latency_split), bs * spec.measurement.max_batches)
-        latency_sets[bs] = encode(latency_split.subset(n, seed=spec.seed), tokenizer, **kw)
+    latency_sets = encode_latency_sets(spec, data.evaluation, tokenizer, cache_dir=cache)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log)
     return Prepared(spec, registry, device, data, tokenizer, train, validation, evaluation, latency_sets,
                     baseline, bdir, key, pad, notes)
+
+
+def encode_latency_sets(spec: Spec, evaluation: Any, tokenizer: Any, *, cache_dir: Path) -> dict[int, "Encoded"]:
+    """The examples timed at each batch size: a fixed (seeded) sample of the held-out split. Export uses the
+    same function, so figures it measures compare with the study's."""
+    from .data import encode
+
+    m = spec.measurement
+    split = evaluation.subset(m.latency_examples, seed=spec.seed)
+    return {bs: encode(split.subset(min(len(split), bs * m.max_batches), seed=spec.seed), tokenizer,
+                       max_length=spec.model.max_length, cache_dir=cache_dir)
+            for bs in m.batch_sizes}
 
 
 def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,

@@ -198,14 +198,13 @@ def load_eval_data(spec: "Spec", tokenizer: Any, *, data_path: str | None = None
     """The study's held-out split and latency samples, chosen exactly as :func:`autocompress.engine.prepare`
     chooses them (same seed, same subsets), so figures measured here compare with the study's."""
     from .data import cache_root, encode, load_task_data
+    from .engine import encode_latency_sets
 
     data_spec = spec.data if data_path is None else spec.data.model_copy(update={"path": data_path, "hub_id": None})
     data = load_task_data(data_spec, seed=spec.seed)
-    kw = {"max_length": spec.model.max_length, "cache_dir": cache_root() / "tokenized"}
-    m = spec.measurement
-    latency_split = data.evaluation.subset(m.latency_examples, seed=spec.seed)
-    sets = {bs: encode(latency_split.subset(min(len(latency_split), bs * m.max_batches), seed=spec.seed),
-                       tokenizer, **kw) for bs in m.batch_sizes}
+    cache = cache_root() / "tokenized"
+    kw = {"max_length": spec.model.max_length, "cache_dir": cache}
+    sets = encode_latency_sets(spec, data.evaluation, tokenizer, cache_dir=cache)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EvalData(spec.data.eval_split, encode(data.evaluation, tokenizer, **kw), sets, pad)
 
