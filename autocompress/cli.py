@@ -94,6 +94,12 @@ def plugins(
         if row["incompatible_with"]:
             for other, why in row["incompatible_with"].items():
                 out.print(f"  incompatible with {other}: {why}", highlight=False)
+        onnx = row["onnx"]
+        if onnx["defaults"] is not None:
+            out.print(f"  ONNX export (--onnx): no: {onnx['defaults']}", highlight=False)
+        else:
+            out.print("  ONNX export (--onnx): yes" + "".join(f"; not with {k}: {why}" for k, why in onnx["refused"].items()),
+                      highlight=False)
     if not rows:
         out.print("No techniques registered.")
 

@@ -365,7 +365,8 @@ def _onnx(tmp: Path, model: Any, ev: EvalData, logits: np.ndarray, spec: "Spec",
     m = spec.measurement
     info.update(check_and_time(tmp / ONNX_FILE, torch_model=model, evaluation=ev.evaluation, reference_logits=logits,
                                latency_sets=ev.latency_sets, warmup=m.warmup, repeats=m.repeats,
-                               pad_token_id=ev.pad_token_id, split=ev.split, log=log))
+                               pad_token_id=ev.pad_token_id, split=ev.split, dynamic_int8=bool(info.get("int8")),
+                               log=log))
     return info
 
 

@@ -100,8 +100,16 @@ def _onnx_section(o: Mapping[str, Any] | None, where: str) -> list[str]:
         md += [f"The {q['linears']} int8 Linears run as int8 in ONNX too ({q['matmul_nodes']} MatMul nodes): "
                f"{q['kernels']}, on the same int8 weights and scales."]
     md += ["", f"Parity with PyTorch on {p['split']} ({p['examples']} examples): {p['agreement']:.2%} of argmax "
-           f"predictions agree (required: {p['threshold']:.1%}); max |logit difference| {p['max_abs_logit_diff']:.3g}.",
-           "", f"Latency at export time, same protocol, back to back ({o['runtime']}). Compare the two "
+           f"predictions agree (required: {p['threshold']:.2%}); max |logit difference| {p['max_abs_logit_diff']:.3g}."]
+    if p.get("pytorch_self_agreement"):
+        f = p["pytorch_self_agreement"]
+        md += ["", f"The bar is below 99.5% because dynamic int8 is not stable at the last bit: PyTorch agrees with "
+                   f"itself on only {f['agreement']:.2%} of {p['split']} (max |logit difference| "
+                   f"{f['max_abs_logit_diff']:.3g}) when its embedding output is perturbed by one float32 ulp "
+                   f"({f['perturbation']}). Each call quantises activations with its own min/max, so any last-bit "
+                   f"difference moves every later quantisation grid; ONNX Runtime cannot match it more closely than "
+                   f"it matches itself."]
+    md += ["", f"Latency at export time, same protocol, back to back ({o['runtime']}). Compare the two "
                f"columns with each other: timings taken at another time on a shared machine can differ.", "",
            "| batch | ONNX Runtime (ms/example) | PyTorch (ms/example) |", "|---|---:|---:|"]
     for k in lat["onnxruntime"]:

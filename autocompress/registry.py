@@ -211,6 +211,7 @@ def describe(registry: Registry) -> list[dict[str, Any]]:
                 "requires": sorted(r.value for r in t.requires),
                 "incompatible_with": dict(t.incompatible_with),
                 "reduces": sorted(t.reduces),
+                "onnx": onnx_summary(t, plugin=reg.plugin),
                 "params": [
                     {
                         "name": p.name,
@@ -225,3 +226,25 @@ def describe(registry: Registry) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def onnx_summary(tech: Any, *, plugin: str = "?") -> dict[str, Any]:
+    """Whether ``autocompress export --onnx`` handles this technique: ``onnx_support`` asked at the defaults and
+    at every other choice of each categorical parameter (the knobs that switch code paths, e.g. a dtype), so
+    the listing shows the exceptions (``{"defaults": None | reason, "refused": {"dtype=bf16": reason}}``). A
+    plugin whose ``onnx_support`` raises is reported as such rather than hiding the technique."""
+    def ask(params: dict[str, Any]) -> str | None:
+        try:
+            return tech.onnx_support(params)
+        except Exception as exc:  # noqa: BLE001 - a third-party hook; report, do not crash the listing
+            return f"onnx_support raised {type(exc).__name__}: {exc} (plugin {plugin})"
+
+    defaults = tech.defaults()
+    refused: dict[str, str] = {}
+    for p in tech.params:
+        for choice in getattr(p, "choices", ()):
+            if choice != p.default:
+                why = ask({**defaults, p.name: choice})
+                if why is not None:
+                    refused[f"{p.name}={choice}"] = why
+    return {"defaults": ask(defaults), "refused": refused}

@@ -158,8 +158,9 @@ class OnnxInt8Linear:
     ``weight_int8``: int8 ``[out, in]``; ``scale``: float32 ``[out]``, one per output row. Activations are
     quantised per call and per tensor, asymmetric, to ``activation_levels + 1`` levels (127: 7-bit, what
     fbgemm's ``reduce_range`` does), from the min/max of the call including 0. The exporter emits exactly
-    that (``QuantizeLinear`` + ``MatMulInteger`` with int32 accumulation + one float rescale), so ONNX
-    Runtime runs int8 kernels on the very same int8 weights and reproduces the PyTorch outputs.
+    that (activation quantisation with fbgemm's rounding + ``MatMulInteger`` with int32 accumulation + one
+    float rescale), so ONNX Runtime runs int8 kernels on the very same int8 weights and reproduces the
+    PyTorch outputs bit for bit on the same input.
     """
 
     weight_int8: Any

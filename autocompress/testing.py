@@ -252,6 +252,41 @@ def check_save_reload(tech: Technique | Sequence[Technique], registry: "Registry
         f"{(got - expected).abs().max():.3g})")
 
 
+def check_onnx(tech: Technique, registry: "Registry") -> str | None:
+    """``tech.onnx_support`` tells the truth for its example setting: when it says yes, ``autocompress export
+    --onnx``'s exporter turns the compressed tiny model into an ONNX graph that ONNX Runtime runs with the same
+    predictions as PyTorch. Returns the declared refusal reason (nothing to run), else ``None``."""
+    import numpy as np
+
+    from .modeling import config_snapshot
+    from .onnx_export import OrtClassifier, export_graph
+    from .measure import predict
+
+    params = {**tech.defaults(), **example(tech)}
+    reason = tech.onnx_support(params)
+    if reason is not None:
+        assert isinstance(reason, str) and reason.strip(), f"{tech.name}: onnx_support must return None or a reason"
+        return reason
+    enc = tiny_encoded()
+    model = tiny_model()
+    base_config = config_snapshot(model)
+    recipe = compress(model, [(tech, params)], enc)
+    with tempfile.TemporaryDirectory() as tmp:
+        _saved(model, recipe, base_config, Path(tmp))
+        try:
+            export_graph(tmp, Path(tmp) / "model.onnx", registry=registry, example=tiny_batch(enc, n=4),
+                         log=lambda message: None)
+        except Exception as exc:  # noqa: BLE001 - any failure falsifies the declaration
+            raise AssertionError(f"{tech.name}: onnx_support({params}) says the model exports, but the export "
+                                 f"failed: {exc}. Fix the technique, or return the reason from onnx_support") from exc
+        got = predict(OrtClassifier(Path(tmp) / "model.onnx", threads=1), enc, batch_size=16)
+    want = predict(model, enc, batch_size=16)
+    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    assert agree == 1.0, (f"{tech.name}: the ONNX graph predicts differently from PyTorch on {1 - agree:.1%} of the "
+                          f"tiny examples (max |logit diff| {np.abs(got - want).max():.3g})")
+    return None
+
+
 def check_pair(a: Technique, b: Technique, registry: "Registry", *, device: str = "cpu") -> str | None:
     """``a`` and ``b`` compose (pipeline, recovery, save/reload), or their incompatibility is declared.
     Returns the declared reason, or ``None`` when the pair was run."""
@@ -307,6 +342,16 @@ class TechniqueContract:
             pytest.skip(f"{self.technique.name} does not run on CUDA: {reason}")
         check_identity(self.technique, device="cuda", atol=1e-4)
         check_save_reload(self.technique, self.registry(), device="cuda", atol=1e-5)
+
+    def test_onnx_support_is_truthful(self) -> None:
+        import pytest
+
+        from .onnx_export import missing_dependencies
+
+        missing = missing_dependencies()
+        if missing:
+            pytest.skip(f"the ONNX check needs {', '.join(missing)}: pip install 'autocompress[onnx]'")
+        check_onnx(self.technique, self.registry())
 
     def test_composes_with_registered(self) -> None:
         reg = self.registry()

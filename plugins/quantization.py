@@ -36,8 +36,8 @@ Composition: shared modules (weight sharing) are quantised once and replaced whe
 other linear-like modules (e.g. movement pruning's ``SparseLinear``) stay float, and are logged.
 
 ONNX (``autocompress export --onnx``): int8 Linears are handed to the exporter with their int8 weights and
-scales (``onnx_prepare``), which emits the same computation as ONNX int8 ops (``QuantizeLinear`` with 7-bit
-activations + ``MatMulInteger``); int8 embeddings and fp16 export as they are; bf16 is refused (ONNX
+scales (``onnx_prepare``), which emits the same computation as ONNX int8 ops (7-bit activations rounded as
+fbgemm rounds them + ``MatMulInteger``); int8 embeddings and fp16 export as they are; bf16 is refused (ONNX
 Runtime has no bfloat16 CPU kernels).
 """
 

@@ -48,6 +48,56 @@ def test_pair_composes_or_is_declared_incompatible(a, b):
         assert len(reason) > 20, f"{a}+{b}: an incompatibility needs a reason a user can act on, got {reason!r}"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_support_is_truthful(name):
+    from autocompress.onnx_export import missing_dependencies
+
+    if missing_dependencies():
+        pytest.skip(f"needs {', '.join(missing_dependencies())}: pip install 'autocompress[onnx]'")
+    testing.check_onnx(REGISTRY.get(name), REGISTRY)
+
+
+def test_contract_catches_a_false_onnx_claim():
+    """A technique that says it exports but installs an untraceable module fails the ONNX check by name."""
+    import torch
+    from torch import nn
+
+    from autocompress.onnx_export import missing_dependencies
+    from autocompress.technique import Technique
+
+    if missing_dependencies():
+        pytest.skip(f"needs {', '.join(missing_dependencies())}: pip install 'autocompress[onnx]'")
+
+    class ThroughNumpy(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(torch.from_numpy(x.detach().cpu().numpy()))  # leaves the traced graph
+
+    class Opaque(Technique):
+        name = "opaque"
+
+        def example_params(self):
+            return {}
+
+        def apply(self, model, *, params, ctx):
+            model.classifier = ThroughNumpy(model.classifier)
+            return None
+
+        def restore(self, model, *, phase, params, record):
+            if phase == "apply":
+                model.classifier = ThroughNumpy(model.classifier)
+
+    from autocompress.registry import RegisteredTechnique
+
+    reg = load_registry(selection="builtin")
+    reg.techniques["opaque"] = RegisteredTechnique(Opaque(), plugin="tests", source="--plugin")
+    with pytest.raises(AssertionError, match="opaque: onnx_support.* says the model exports, but the export failed"):
+        testing.check_onnx(reg.get("opaque"), reg)
+
+
 def test_contract_catches_a_false_claim():
     """The suite can fail: a technique claiming to reduce params that does nothing is caught."""
     from autocompress.technique import Technique
