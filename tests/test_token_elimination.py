@@ -124,8 +124,8 @@ def test_cls_kept_in_order_and_padding_never_kept(monkeypatch):
     chosen = []
     original = te.select
 
-    def recording(rank, keep):
-        index, valid = original(rank, keep)
+    def recording(rank, keep, **kwargs):
+        index, valid = original(rank, keep, **kwargs)
         chosen.append((rank, keep, index, valid))
         return index, valid
 
@@ -357,3 +357,16 @@ class TestTokenEliminationContract(TechniqueContract):
 
     technique = TECH
     plugins = ["plugins.token_elimination"]
+
+
+def test_ranks_are_a_stable_descending_sort_with_ties_and_infinities():
+    import plugins.token_elimination as te
+
+    g = torch.Generator().manual_seed(0)
+    sig = torch.randint(0, 5, (6, 23), generator=g).float()  # many ties
+    sig[:, 0] = float("inf")
+    sig[:, -4:] = float("-inf")  # padding
+    order = torch.argsort(sig, dim=-1, descending=True, stable=True)
+    want = torch.empty_like(order).scatter_(1, order, torch.arange(23).expand_as(order))
+    assert torch.equal(te.ranks(sig), want)
+    assert torch.equal(te.ranks_by_counting(sig), want)  # what the ONNX graph computes
