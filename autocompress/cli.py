@@ -66,6 +66,33 @@ def search(
 
 
 @app.command()
+def bench(
+    spec_file: Path = typer.Argument(..., help="Search spec YAML of the joint search (e.g. search_spaces/sst2-bench.yaml)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task data directory or file (sets data.path)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a spec key: KEY=VALUE."),
+    trials_per_technique: int = typer.Option(6, "--trials-per-technique", help="Trial budget of each single-technique search."),
+    joint_trials: Optional[int] = typer.Option(None, "--joint-trials", help="Trial budget of the joint search (default: the spec's search.trials)."),
+    techniques: Optional[str] = typer.Option(None, "--techniques", help="Comma-separated techniques to benchmark (default: all the spec enables)."),
+    onnx_front: bool = typer.Option(True, "--onnx-front/--no-onnx-front", help="Export the joint front to ONNX and time it in ONNX Runtime too."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Benchmark folder (default: results/<study>)."),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Joint search vs one search per technique vs the baseline as deployed today (PyTorch / ONNX Runtime,
+    fp32 / dynamic int8): writes report.md, summary.json and bench.png. Re-running resumes every study."""
+    from .bench import run_bench
+    from .spec import load_spec
+
+    overrides = list(set_ or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
+    registry = _registry(plugin)
+    spec = load_spec(spec_file, overrides=overrides)
+    names = [t.strip() for t in techniques.split(",") if t.strip()] if techniques else None
+    command = "autocompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_bench(spec, registry=registry, out_dir=out_dir or Path("results") / spec.study,
+              trials_per_technique=trials_per_technique, joint_trials=joint_trials, techniques=names,
+              onnx_front=onnx_front, data=data, command=command, log=_log)
+
+
+@app.command()
 def plugins(
     format: str = typer.Option("table", "--format", "-f", help="table or json"),
     plugin: Optional[List[str]] = PluginOpt,

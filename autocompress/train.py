@@ -80,6 +80,7 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
     import torch.nn.functional as F
 
     from .data import infinite_batches
+    from .timing import add_compute
 
     data = infinite_batches(enc, batch_size=batch_size, device=device, seed=seed, pad_token_id=pad_token_id,
                             with_index=True)
@@ -107,11 +108,15 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise TrialError(f"training loss became {loss_value} at step {step + 1}/{steps}; lower the learning rate or the compression")
+        t_backward = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        add_compute(time.perf_counter() - t_backward)  # forward passes are timed by the clock's hooks
         for h in hooks:
             if h.after_step:
                 h.after_step(step, steps)

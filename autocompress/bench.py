@@ -1,0 +1,283 @@
+"""``autocompress bench``: the joint search against one search per single technique (same trial budget each)
+and against what users deploy instead (the fp32 baseline in PyTorch and ONNX Runtime, and dynamic int8 of
+it in both), in one run, one latency protocol and one results folder.
+
+Phases, each timed: the fine-tuned baseline (cached, so reused when it exists); the peers; one study per
+technique (that technique always on, its parameters searched); the joint study (the spec as written); the
+joint front exported to ONNX and timed in ONNX Runtime where its techniques allow. Studies are ordinary
+autocompress studies under ``OUT/studies/`` (``autocompress pareto``/``show``/``export`` read them), so an
+interrupted bench resumes each where it stopped. The figures go to ``OUT/report.md``, ``OUT/summary.json``
+and ``OUT/bench.png`` (:mod:`autocompress.bench_report`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import SpecError
+from .registry import Registry
+from .spec import Spec, load_spec
+
+STUDIES = "studies"
+
+
+def technique_names(spec: Spec) -> list[str]:
+    return [name for name, t in spec.techniques.items() if t.enabled is not False]
+
+
+def derive_spec(spec: Spec, *, study: str, techniques: Sequence[str], trials: int, single: bool) -> Spec:
+    """``spec`` restricted to ``techniques`` under another study name and trial budget. A single-technique
+    study turns its technique always on (its parameters are what is searched); seeded pipelines that use only
+    the kept techniques are kept."""
+    d = spec.model_dump(mode="json")
+    d["study"] = study
+    kept = set(techniques)
+    d["techniques"] = {n: {**t, "enabled": True if single else t["enabled"]}
+                       for n, t in d["techniques"].items() if n in kept}
+    s = d["search"]
+    s["trials"] = int(trials)
+    s["enqueue"] = [e for e in s.get("enqueue") or [] if {k for k, v in e.items() if v is not None} <= kept]
+    if s.get("population_size"):
+        s["population_size"] = max(2, min(int(s["population_size"]), int(trials)))
+    return load_spec(data=d)
+
+
+def machine_description(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        ort = f", onnxruntime {onnxruntime.__version__}"
+    except ImportError:
+        ort = ""
+    return (f"{cpu}, {os.cpu_count()} logical cores, {threads} threads used; {platform.system()} "
+            f"{platform.release()}; python {platform.python_version()}, torch {torch.__version__}{ort}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _timed(model: Any, prep: Any) -> dict[str, Any]:
+    from .measure import evaluate, latency_ms_per_example
+
+    m = prep.spec.measurement
+    out: dict[str, Any] = {f"eval_{k}": v for k, v in evaluate(model, prep.evaluation, device="cpu",
+                                                                pad_token_id=prep.pad_token_id).items()}
+    for bs, enc in prep.latency_sets.items():
+        lat = latency_ms_per_example(model, enc, batch_size=bs, device="cpu", warmup=m.warmup, repeats=m.repeats,
+                                     pad_token_id=prep.pad_token_id)
+        out[f"latency_bs{bs}"], out[f"latency_bs{bs}_spread"] = lat["median"], [lat["min"], lat["max"]]
+    return out
+
+
+def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The baseline as users deploy it without autocompress, measured with the search's protocol on CPU."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from .data import batches
+    from .modeling import config_snapshot, save_compressed
+
+    peers: dict[str, dict[str, Any]] = {}
+    base = copy.deepcopy(prep.baseline).cpu().eval()
+    fp32_dir = work / "baseline-fp32"
+    size = save_compressed(base, fp32_dir, base_config=config_snapshot(base), recipe=[])
+    peers["pytorch_fp32"] = {"label": "PyTorch fp32 (baseline)", **_timed(base, prep), "size_mb": size / 1e6}
+    log(f"peer PyTorch fp32: {_line(peers['pytorch_fp32'])}")
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)  # written, never loaded: the size a user of torch's own recipe ships
+    peers["pytorch_int8"] = {"label": "PyTorch dynamic int8 (torch.ao quantize_dynamic)", **_timed(q, prep),
+                             "size_mb": len(buf.getvalue()) / 1e6}
+    log(f"peer PyTorch dynamic int8: {_line(peers['pytorch_int8'])}")
+    from .onnx_export import OrtClassifier, export_graph, missing_dependencies
+
+    if missing_dependencies():
+        log(f"ONNX Runtime peers skipped: missing {', '.join(missing_dependencies())} (pip install 'autocompress[onnx]')")
+        return peers
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    longest = np.argsort(-prep.evaluation.lengths(), kind="stable")[:4]
+    example = next(batches(prep.evaluation, batch_size=len(longest), indices=longest, pad_token_id=prep.pad_token_id))
+    fp32 = work / "baseline-fp32.onnx"
+    export_graph(fp32_dir, fp32, registry=registry, example=example, log=log)
+    int8 = work / "baseline-int8.onnx"
+    import onnx
+
+    plain = onnx.load(str(fp32))
+    del plain.graph.value_info[:]  # the exporter's shape hints trip quantize_dynamic's shape inference
+    plain_path = work / "baseline-fp32-plain.onnx"
+    onnx.save(plain, str(plain_path))
+    quantize_dynamic(str(plain_path), str(int8), weight_type=QuantType.QInt8)  # Optimum's / ORT's default recipe
+    plain_path.unlink()
+    for key, path, label in (("onnxruntime_fp32", fp32, "ONNX Runtime fp32"),
+                             ("onnxruntime_int8", int8, "ONNX Runtime dynamic int8 (quantize_dynamic, QInt8)")):
+        session = OrtClassifier(path, threads=torch.get_num_threads())
+        peers[key] = {"label": label, **_timed(session, prep), "size_mb": path.stat().st_size / 1e6}
+        log(f"peer {label}: {_line(peers[key])}")
+    return peers
+
+
+def _line(m: Mapping[str, Any]) -> str:
+    parts = [f"dev {m.get('eval_accuracy', float('nan')) * 100:.2f}"]
+    parts += [f"{k.removeprefix('latency_')} {v:.3g} ms" for k, v in m.items()
+              if k.startswith("latency_bs") and not k.endswith("_spread")]
+    return ", ".join(parts + [f"{m.get('size_mb', float('nan')):.1f} MB"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fronts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def front_points(d: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """(front points, baseline metrics, all rows) of the study in ``d``, as bench points."""
+    from .pareto import baseline_metrics
+    from .report import params_summary, pipeline_str
+    from .results import load_results
+
+    res = load_results(d)
+    points = []
+    for row in res.front:
+        m = dict(row.get("metrics") or {})
+        points.append({**m, "label": f"{name} #{row['number']}: {pipeline_str(row.get('pipeline'))}",
+                       "trial": row["number"], "params": params_summary(row.get("params"))})
+    return points, baseline_metrics(res.baseline), res.rows
+
+
+def time_front_in_onnxruntime(d: Path, points: list[dict[str, Any]], *, registry: Registry, data: str | None,
+                              log: Callable[[str], None]) -> None:
+    """Export each front point of the study in ``d`` to ONNX (a temporary folder) and add ONNX Runtime
+    ms/example under ``point["onnxruntime"]``, or the reason it could not be exported."""
+    import tempfile
+
+    from .errors import AutocompressError
+    from .export import export_trial
+
+    for p in points:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                export_trial(d, Path(tmp) / "x", trial=p["trial"], onnx=True, data=data, log=lambda s: None,
+                             registry=registry)
+                info = json.loads((Path(tmp) / "x" / "export.json").read_text())["onnx"]
+                p["onnxruntime"] = {**info["latency_ms_per_example"]["onnxruntime"],
+                                    "agreement": info["parity"]["agreement"]}
+                p["pytorch_at_export"] = info["latency_ms_per_example"]["pytorch"]
+            except AutocompressError as exc:
+                p["onnxruntime"] = {"not_exported": str(exc)[:300]}
+        log(f"  ONNX Runtime, {p['label']}: {p['onnxruntime']}")
+
+
+def _overhead(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """Median share of trial wall time not spent in model compute (forward, backward, optimiser step)."""
+    import statistics
+
+    shares = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        wall, compute = m.get("trial_seconds"), m.get("compute_seconds")
+        if isinstance(wall, (int, float)) and isinstance(compute, (int, float)) and wall > 0:
+            shares.append(max(0.0, 1.0 - compute / wall))
+    return statistics.median(shares) if shares else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per_technique: int,
+              joint_trials: int | None = None, techniques: Sequence[str] | None = None, onnx_front: bool = True,
+              data: str | None = None, command: str, log: Callable[[str], None] = print) -> Path:
+    from .bench_report import draw_png, evaluate_targets, front_hypervolume, plot_data, report_md
+    from .engine import prepare
+    from .search import run_search
+
+    out = Path(out_dir)
+    names = list(techniques or technique_names(spec))
+    unknown = [n for n in names if n not in spec.techniques]
+    if unknown:
+        raise SpecError(f"--techniques {','.join(unknown)}: not in the spec's techniques "
+                        f"({', '.join(spec.techniques)}); name techniques the spec configures")
+    if trials_per_technique < 1:
+        raise SpecError(f"--trials-per-technique {trials_per_technique}: must be at least 1")
+    studies = out / STUDIES
+    studies.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    prep = prepare(spec, registry, log=log)
+    phases["baseline (fine-tune, or reuse the cached one)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    peers = measure_peers(prep, work=studies / "_peers", registry=registry, log=log)
+    phases["peers (PyTorch and ONNX Runtime, fp32 and dynamic int8)"] = time.perf_counter() - t0
+    threads = prep.spec.measurement.threads or os.cpu_count() or 1
+    del prep
+
+    fronts: dict[str, list[dict[str, Any]]] = {}
+    base: dict[str, Any] = {}
+    joint_rows: list[dict[str, Any]] = []
+    plan = [(n, derive_spec(spec, study=f"{spec.study}-{n}", techniques=[n], trials=trials_per_technique, single=True))
+            for n in names]
+    plan.append(("joint", derive_spec(spec, study=f"{spec.study}-joint", techniques=names,
+                                      trials=joint_trials or spec.search.trials, single=False)))
+    for name, sub in plan:
+        t0 = time.perf_counter()
+        log(f"== {name}: study {sub.study}, {sub.search.trials} trials")
+        d = run_search(sub, registry=registry, results_dir=studies, command=command, log=log)
+        phases[f"search: {name}"] = time.perf_counter() - t0
+        fronts[name], base, rows = front_points(d, name)
+        if name == "joint":
+            joint_rows = rows
+    if onnx_front:
+        t0 = time.perf_counter()
+        log("== joint front in ONNX Runtime")
+        time_front_in_onnxruntime(studies / f"{spec.study}-joint", fronts["joint"], registry=registry, data=data, log=log)
+        phases["joint front exported and timed in ONNX Runtime"] = time.perf_counter() - t0
+
+    singles = {k: v for k, v in fronts.items() if k != "joint"}
+    latency = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
+    joint_minutes = phases.get("search: joint", 0.0) / 60
+    overhead = _overhead(joint_rows)
+    baseline_point = {**base, "label": "fp32 baseline (search protocol)"}
+    summary: dict[str, Any] = {
+        "title": f"Benchmark {spec.study}: joint search vs single techniques vs deployed peers",
+        "intro": ("Held-out accuracy is the study's eval split (searches select on a validation split carved from "
+                  "train). Latency: median ms per example over timed passes, PyTorch eager unless marked ORT. "
+                  "Ratios are baseline / point."),
+        "command": command, "machine": machine_description(threads),
+        "baseline": baseline_point, "peers": peers, "fronts": fronts,
+        "latency_metric": latency,
+        "hypervolume": {k: front_hypervolume(v, base, latency=latency) for k, v in fronts.items()},
+        "targets": evaluate_targets(fronts.get("joint", []), singles, base, peers, joint_minutes=joint_minutes,
+                                    overhead=overhead, latency=latency),
+        "engine_overhead_median": overhead, "phases_seconds": phases,
+        "budget": {"trials_per_technique": trials_per_technique, "joint_trials": plan[-1][1].search.trials,
+                   "techniques": names},
+        "notes": [],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "report.md").write_text(report_md(summary))
+    draw_png(plot_data(fronts, {**{"fp32 baseline": baseline_point}, **{p["label"]: p for p in peers.values()}},
+                       latency=latency), out / "bench.png")
+    log(f"Wrote {out}/ (report.md, summary.json, bench.png; studies in {studies}/)")
+    return out

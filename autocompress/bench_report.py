@@ -1,0 +1,213 @@
+"""The benchmark's figures as pure functions over plain rows: hypervolume of each front against one fixed
+reference point, the issue's targets with their measured values, plot data, and report.md. Drawing is kept
+apart (:func:`draw_png`), and nothing here measures or trains: :mod:`autocompress.bench` does that.
+
+A *point* is a dict with ``eval_accuracy`` (held-out, 0-1), ``latency_bs{N}`` (ms/example), ``size_mb`` and a
+``label``; the baseline is a point too. Hypervolume is computed in a space normalised by the baseline, so
+fronts of different searches compare on one scale: (accuracy drop in points, latency / baseline latency,
+size / baseline size), all minimised, against :data:`REFERENCE` = (5 points, 1.0, 1.0): a point adds volume
+only if it is faster *and* smaller than the baseline and loses fewer than 5 points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .pareto import hypervolume
+
+REFERENCE = (5.0, 1.0, 1.0)  # (accuracy drop in points, latency ratio, size ratio)
+MAX_DROP = 1.0  # the targets are read at <= 1.0 point of held-out accuracy below the fp32 baseline
+
+Point = Mapping[str, Any]
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def drop_points(point: Point, base: Point) -> float | None:
+    a, b = _num(point.get("eval_accuracy")), _num(base.get("eval_accuracy"))
+    return None if a is None or b is None else (b - a) * 100.0
+
+
+def normalised(point: Point, base: Point, *, latency: str) -> tuple[float, float, float] | None:
+    """(drop in points, latency ratio, size ratio) of ``point``, or ``None`` if a figure is missing."""
+    d = drop_points(point, base)
+    lat, blat = _num(point.get(latency)), _num(base.get(latency))
+    size, bsize = _num(point.get("size_mb")), _num(base.get("size_mb"))
+    if d is None or not lat or not blat or not size or not bsize:
+        return None
+    return d, lat / blat, size / bsize
+
+
+def front_hypervolume(points: Sequence[Point], base: Point, *, latency: str) -> float:
+    """Hypervolume of ``points`` in the normalised space against :data:`REFERENCE` (larger is better)."""
+    rows = [p for p in (normalised(q, base, latency=latency) for q in points) if p is not None]
+    return hypervolume(np.array(rows, dtype=float).reshape(-1, 3), np.array(REFERENCE)) if rows else 0.0
+
+
+def within_drop(points: Sequence[Point], base: Point, max_drop: float = MAX_DROP) -> list[Point]:
+    return [p for p in points if (d := drop_points(p, base)) is not None and d <= max_drop + 1e-9]
+
+
+def _best(points: Sequence[Point], key: Any, *, largest: bool) -> tuple[float | None, Point | None]:
+    scored = [(v, p) for p in points if (v := key(p)) is not None]
+    if not scored:
+        return None, None
+    v, p = (max if largest else min)(scored, key=lambda s: s[0])
+    return v, p
+
+
+def _target(name: str, goal: str, measured: float | None, ok: bool | None, point: Point | None = None,
+            note: str = "") -> dict[str, Any]:
+    return {"target": name, "goal": goal, "measured": measured, "met": bool(ok) if ok is not None else False,
+            "point": point.get("label") if point else None, "note": note}
+
+
+def evaluate_targets(joint: Sequence[Point], singles: Mapping[str, Sequence[Point]], base: Point,
+                     peers: Mapping[str, Point], *, joint_minutes: float | None, overhead: float | None,
+                     latency: str = "latency_bs32") -> list[dict[str, Any]]:
+    """Each target of the benchmark issue with its measured value, read on the joint front at
+    <= :data:`MAX_DROP` points of held-out drop. ``peers`` holds ``onnxruntime_int8`` when it was measured.
+    ``latency`` is the throughput batch size's metric (the issue's is batch 32)."""
+    ok_points = within_drop(joint, base)
+    out = []
+    bs = latency.removeprefix("latency_")
+    b32, b1 = _num(base.get(latency)), _num(base.get("latency_bs1"))
+
+    def ratio(num: float | None, key: str) -> Any:
+        return lambda p: (num / v) if num and (v := _num(p.get(key))) else None
+
+    v, p = _best(ok_points, ratio(b32, latency), largest=True)
+    out.append(_target(f"{bs} throughput vs fp32 PyTorch", ">= 4x", v, v is not None and v >= 4.0, p))
+    ort8 = _num((peers.get("onnxruntime_int8") or {}).get(latency))
+    v, p = _best(ok_points, ratio(ort8, latency), largest=True)
+    out.append(_target(f"{bs} throughput vs ONNX Runtime dynamic int8 of the baseline", ">= 3x", v,
+                       v is not None and v >= 3.0, p, "" if ort8 else "ONNX Runtime int8 peer not measured"))
+    v, p = _best(ok_points, lambda q: _num(q.get("latency_bs1")), largest=False)
+    out.append(_target("bs1 latency (ms/sentence)", "<= 1.5", v, v is not None and v <= 1.5, p,
+                       f"fp32 baseline: {b1:.2f} ms" if b1 else ""))
+    bsize = _num(base.get("size_mb"))
+    v, p = _best(ok_points, ratio(bsize, "size_mb"), largest=True)
+    out.append(_target("size vs fp32 baseline", ">= 10x smaller", v, v is not None and v >= 10.0, p))
+    hv_joint = front_hypervolume(joint, base, latency=latency)
+    hv_single = {k: front_hypervolume(v, base, latency=latency) for k, v in singles.items()}
+    best_single = max(hv_single.values(), default=0.0)
+    out.append(_target("joint front hypervolume > every single-technique front", "> " + f"{best_single:.4f}",
+                       hv_joint, hv_joint > best_single,
+                       note=f"best single: {max(hv_single, key=hv_single.get)}" if hv_single else ""))
+    out.append(_target("joint search wall time (minutes)", "<= 45", joint_minutes,
+                       joint_minutes is not None and joint_minutes <= 45.0))
+    out.append(_target("engine overhead (share of trial wall time)", "<= 10%", overhead,
+                       overhead is not None and overhead <= 0.10))
+    bacc = _num(base.get("eval_accuracy"))
+    out.append(_target("fp32 baseline held-out accuracy", ">= 89.0", bacc * 100 if bacc else None,
+                       bacc is not None and bacc * 100 >= 89.0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plot_data(fronts: Mapping[str, Sequence[Point]], peers: Mapping[str, Point], *, latency: str) -> dict[str, Any]:
+    """Series for the two panels (accuracy vs latency, accuracy vs size): one per front, sorted along x, and
+    the peers as single labelled points."""
+    def series(points: Sequence[Point], x: str) -> dict[str, list[Any]]:
+        pts = sorted((p for p in points if _num(p.get(x)) and _num(p.get("eval_accuracy")) is not None),
+                     key=lambda p: float(p[x]))
+        return {"x": [float(p[x]) for p in pts], "y": [float(p["eval_accuracy"]) * 100 for p in pts],
+                "labels": [str(p.get("label", "")) for p in pts]}
+
+    panels = []
+    for x, title in ((latency, f"{latency.replace('latency_bs', 'latency at batch ')} (ms/example)"),
+                     ("size_mb", "size (MB)")):
+        panels.append({"x_metric": x, "title": title,
+                       "fronts": {name: series(pts, x) for name, pts in fronts.items()},
+                       "peers": {name: {"x": float(p[x]), "y": float(p["eval_accuracy"]) * 100}
+                                 for name, p in peers.items() if _num(p.get(x)) and _num(p.get("eval_accuracy")) is not None}})
+    return {"panels": panels}
+
+
+def draw_png(data: Mapping[str, Any], path: Any, *, dpi: int = 130) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = data["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2))
+    for ax, panel in zip(np.atleast_1d(axes), panels):
+        for i, (name, s) in enumerate(panel["fronts"].items()):
+            style = dict(lw=2.4, ms=7, zorder=5) if name == "joint" else dict(lw=1.2, ms=4, alpha=0.8)
+            ax.plot(s["x"], s["y"], marker="o", label=name, color=f"C{i}", **style)
+        for j, (name, p) in enumerate(panel["peers"].items()):
+            ax.scatter([p["x"]], [p["y"]], marker="*", s=160, color="black" if j == 0 else f"C{j + 5}",
+                       edgecolor="white", zorder=6, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(panel["title"])
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, fmt: str = ".2f", suffix: str = "") -> str:
+    n = _num(v)
+    return "-" if n is None else f"{n:{fmt}}{suffix}"
+
+
+def point_row(name: str, p: Point, base: Point, *, latency: str = "latency_bs32") -> str:
+    d = drop_points(p, base)
+    cells = [name, _f(_num(p.get("eval_accuracy")) and p["eval_accuracy"] * 100),
+             "-" if d is None else f"{(-d if abs(d) > 5e-5 else 0.0):+.2f}"]
+    for key in (latency, "latency_bs1", "size_mb"):
+        v, bv = _num(p.get(key)), _num(base.get(key))
+        cells += [_f(v), "-" if not v or not bv else f"{bv / v:.2f}x"]
+    ort = p.get("onnxruntime") or {}
+    cells += [_f(ort.get(latency)), _f(ort.get("latency_bs1"))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def header(latency: str) -> str:
+    bs = latency.removeprefix("latency_")
+    return (f"| point | acc | Δ pts | {bs} ms/ex | {bs} × | bs1 ms | bs1 × | size MB | size × | ORT {bs} | ORT bs1 |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def report_md(summary: Mapping[str, Any]) -> str:
+    base, latency = summary["baseline"], summary.get("latency_metric", "latency_bs32")
+    lines = [f"# {summary['title']}", "", summary.get("intro", ""), "",
+             f"Command: `{summary['command']}`", "", f"Machine: {summary['machine']}", "",
+             "## Targets (joint front, at <= 1.0 point held-out drop)", "",
+             "| target | goal | measured | met | point | note |", "|---|---|---:|---|---|---|"]
+    for t in summary["targets"]:
+        lines.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'], '.3g')} | {'yes' if t['met'] else '**no**'} "
+                     f"| {t['point'] or ''} | {t['note']} |")
+    lines += ["", "## Hypervolume (normalised: drop in points, latency ratio, size ratio; reference "
+              f"{REFERENCE})", "", "| front | points | hypervolume |", "|---|---:|---:|"]
+    for name, hv in summary["hypervolume"].items():
+        lines.append(f"| {name} | {len(summary['fronts'].get(name, []))} | {hv:.4f} |")
+    lines += ["", "## Peers (the baseline as users deploy it today)", "", header(latency)]
+    for name, p in summary["peers"].items():
+        lines.append(point_row(str(p.get("label", name)), p, base, latency=latency))
+    for name, pts in summary["fronts"].items():
+        lines += ["", f"## Front: {name}", "", header(latency)]
+        lines += [point_row(str(p.get("label")), p, base, latency=latency) for p in pts]
+    lines += ["", "## Wall time per phase", "", "| phase | minutes |", "|---|---:|"]
+    lines += [f"| {k} | {v / 60:.1f} |" for k, v in summary["phases_seconds"].items()]
+    if summary.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""autocompress bench: single-technique studies, the joint study, peers, hypervolume and targets, end to end on
+the tiny model; and the pure figures on hand-made points."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autocompress.bench_report import (REFERENCE, evaluate_targets, front_hypervolume, normalised, plot_data,
+                                       report_md)
+from tests.conftest import write_tiny_spec
+
+BASE = {"eval_accuracy": 0.90, "latency_bs32": 4.0, "latency_bs1": 8.0, "size_mb": 90.0}
+
+
+def test_hypervolume_is_normalised_by_the_baseline_and_bounded_by_the_reference():
+    half = {"eval_accuracy": 0.89, "latency_bs32": 2.0, "latency_bs1": 4.0, "size_mb": 45.0}  # -1 pt, 2x, 2x
+    assert normalised(half, BASE, latency="latency_bs32") == pytest.approx((1.0, 0.5, 0.5))
+    # (5 - 1) * (1 - 0.5) * (1 - 0.5) = 1.0
+    assert front_hypervolume([half], BASE, latency="latency_bs32") == pytest.approx(1.0)
+    worse = {**half, "eval_accuracy": 0.80}  # 10 points lost: beyond the reference, no volume
+    assert front_hypervolume([worse], BASE, latency="latency_bs32") == 0.0
+    assert REFERENCE == (5.0, 1.0, 1.0)
+
+
+def test_targets_are_read_at_one_point_of_drop_and_say_what_was_measured():
+    fast_bad = {"label": "a", "eval_accuracy": 0.85, "latency_bs32": 0.5, "latency_bs1": 1.0, "size_mb": 5.0}
+    ok = {"label": "b", "eval_accuracy": 0.895, "latency_bs32": 1.0, "latency_bs1": 1.4, "size_mb": 8.0}
+    peers = {"onnxruntime_int8": {"latency_bs32": 2.5}}
+    t = {x["target"]: x for x in evaluate_targets([fast_bad, ok], {"int8": [ok]}, BASE, peers, joint_minutes=30.0,
+                                                  overhead=0.12)}
+    assert t["bs32 throughput vs fp32 PyTorch"]["measured"] == pytest.approx(4.0)  # b, not the -5 pt point a
+    assert t["bs32 throughput vs fp32 PyTorch"]["met"] and t["bs32 throughput vs fp32 PyTorch"]["point"] == "b"
+    assert t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline"]["measured"] == pytest.approx(2.5)
+    assert not t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline"]["met"]
+    assert t["bs1 latency (ms/sentence)"]["met"] and t["size vs fp32 baseline"]["measured"] == pytest.approx(11.25)
+    assert not t["joint front hypervolume > every single-technique front"]["met"]  # same front: not greater
+    assert not t["engine overhead (share of trial wall time)"]["met"]
+    assert t["joint search wall time (minutes)"]["met"] and t["fp32 baseline held-out accuracy"]["met"]
+
+
+def test_plot_data_sorts_each_front_and_places_peers():
+    pts = [{"label": "x", "eval_accuracy": 0.8, "latency_bs32": 3.0, "size_mb": 10.0},
+           {"label": "y", "eval_accuracy": 0.9, "latency_bs32": 1.0, "size_mb": 20.0}]
+    data = plot_data({"joint": pts}, {"fp32": BASE}, latency="latency_bs32")
+    lat, size = data["panels"]
+    assert lat["fronts"]["joint"]["x"] == [1.0, 3.0] and lat["fronts"]["joint"]["labels"] == ["y", "x"]
+    assert size["fronts"]["joint"]["x"] == [10.0, 20.0] and lat["peers"]["fp32"] == {"x": 4.0, "y": 90.0}
+
+
+def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_dir, isolated_cache):
+    from typer.testing import CliRunner
+
+    from autocompress.cli import app
+
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, study="tb")
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", str(spec), "--trials-per-technique", "2", "--joint-trials", "3",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["fronts"]) == {"head_pruning", "quantization", "joint"}
+    assert set(summary["hypervolume"]) == {"head_pruning", "quantization", "joint"}
+    assert {"pytorch_fp32", "pytorch_int8"} <= set(summary["peers"])
+    assert summary["latency_metric"] == "latency_bs8"
+    for peer in summary["peers"].values():
+        assert peer["latency_bs8"] > 0 and peer["size_mb"] > 0 and 0 <= peer["eval_accuracy"] <= 1
+    assert len(summary["targets"]) == 8 and all("measured" in t and "met" in t for t in summary["targets"])
+    assert set(summary["phases_seconds"]) >= {"search: joint", "search: head_pruning", "search: quantization"}
+    assert 0 <= summary["engine_overhead_median"] < 1  # every trial records compute vs wall time
+    assert (out / "bench.png").stat().st_size > 1000
+    text = (out / "report.md").read_text()
+    assert "## Targets" in text and "## Front: joint" in text and summary["command"] in text
+    # the studies are ordinary studies: one technique each for the singles, always on
+    single = json.loads((out / "studies/tb-quantization/trials.json").read_text())["trials"]
+    assert all(r["pipeline"] == ["quantization"] for r in single if r["state"] == "COMPLETE")
+
+
+def test_report_md_marks_missed_targets():
+    summary = {"title": "t", "command": "autocompress bench x", "machine": "m", "baseline": BASE, "peers": {},
+               "fronts": {"joint": []}, "hypervolume": {"joint": 0.0}, "phases_seconds": {"search: joint": 60.0},
+               "targets": [{"target": "x", "goal": ">= 4x", "measured": 1.5, "met": False, "point": None, "note": ""}]}
+    md = report_md(summary)
+    assert "| x | >= 4x | 1.5 | **no** |" in md and "| search: joint | 1.0 |" in md
