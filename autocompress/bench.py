@@ -90,11 +90,9 @@ def _timed(model: Any, prep: Any) -> dict[str, Any]:
 
 def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """The baseline as users deploy it without autocompress, measured with the search's protocol on CPU."""
-    import numpy as np
     import torch
     from torch import nn
 
-    from .data import batches
     from .modeling import config_snapshot, save_compressed
 
     peers: dict[str, dict[str, Any]] = {}
@@ -109,15 +107,14 @@ def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[s
     peers["pytorch_int8"] = {"label": "PyTorch dynamic int8 (torch.ao quantize_dynamic)", **_timed(q, prep),
                              "size_mb": len(buf.getvalue()) / 1e6}
     log(f"peer PyTorch dynamic int8: {_line(peers['pytorch_int8'])}")
-    from .onnx_export import OrtClassifier, export_graph, missing_dependencies
+    from .onnx_export import OrtClassifier, example_batch, export_graph, missing_dependencies
 
     if missing_dependencies():
         log(f"ONNX Runtime peers skipped: missing {', '.join(missing_dependencies())} (pip install 'autocompress[onnx]')")
         return peers
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    longest = np.argsort(-prep.evaluation.lengths(), kind="stable")[:4]
-    example = next(batches(prep.evaluation, batch_size=len(longest), indices=longest, pad_token_id=prep.pad_token_id))
+    example = example_batch(prep.evaluation, pad_token_id=prep.pad_token_id)
     fp32 = work / "baseline-fp32.onnx"
     export_graph(fp32_dir, fp32, registry=registry, example=example, log=log)
     int8 = work / "baseline-int8.onnx"

@@ -279,7 +279,50 @@ def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: 
     metrics["params"] = param_count(model)
     first = next(iter(prep.latency_sets.values()))
     metrics["flops"] = flops if flops is not None else flops_per_example(model, first, device=prep.device, pad_token_id=prep.pad_token_id)
+    if m.runtime == "onnxruntime":
+        measure_onnxruntime(save_dir, prep, metrics)
     return metrics
+
+
+def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]) -> None:
+    """``measurement.runtime: onnxruntime``: export the saved model to ONNX (int8 with ONNX Runtime's own
+    kernels) and measure accuracy and latency *in ONNX Runtime*; those become the trial's objectives, and the
+    PyTorch figures stay under ``pytorch_*`` so the report can show both. A model that cannot be exported
+    fails the trial with the technique's reason: its latency would be from another runtime."""
+    import torch
+
+    from .measure import evaluate, latency_ms_per_example
+    from .errors import SpecError
+    from .onnx_export import OrtClassifier, example_batch, export_graph, missing_dependencies
+    from .timing import add_compute
+
+    missing = missing_dependencies()
+    if missing:
+        raise SpecError(f"measurement.runtime 'onnxruntime' needs {', '.join(missing)}: pip install "
+                        "'autocompress[onnx]', or set measurement.runtime: pytorch")
+    m = prep.spec.measurement
+    for key in [k for k in metrics if k.startswith("latency_bs") or k in ("accuracy", "f1", "mcc")
+                or k.startswith("eval_")]:
+        metrics[f"pytorch_{key}"] = metrics[key]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        started = time.perf_counter()
+        info = export_graph(model_dir, path, registry=prep.registry, int8_mode="ort", log=lambda s: None,
+                            example=example_batch(prep.evaluation, pad_token_id=prep.pad_token_id))
+        metrics["onnx_export_seconds"] = time.perf_counter() - started
+        session = OrtClassifier(path, threads=torch.get_num_threads())
+        started = time.perf_counter()  # ONNX Runtime's forward passes are compute too (no module hooks see them)
+        metrics.update(evaluate(session, prep.validation, pad_token_id=prep.pad_token_id))
+        metrics.update({f"eval_{k}": v for k, v in evaluate(session, prep.evaluation,
+                                                             pad_token_id=prep.pad_token_id).items()})
+        for bs, enc in prep.latency_sets.items():
+            lat = latency_ms_per_example(session, enc, batch_size=bs, device="cpu", warmup=m.warmup,
+                                         repeats=m.repeats, pad_token_id=prep.pad_token_id)
+            metrics[f"latency_bs{bs}"] = lat["median"]
+            metrics[f"latency_bs{bs}_spread"] = [lat["min"], lat["max"]]
+        add_compute(time.perf_counter() - started)
+        metrics["onnx_size_mb"] = path.stat().st_size / 1e6
+    metrics["runtime"] = f"onnxruntime ({(info.get('int8') or {}).get('kernels', 'fp32')})"
 
 
 def measure_baseline(prep: Prepared) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class MeasurementSpec(_Strict):
     repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while timing (default: all cores)")
     flops_seq_len: int | None = Field(None, ge=1, description="sequence length for FLOPs (default: mean evaluation length)")
+    runtime: Literal["pytorch", "onnxruntime"] = Field(
+        "pytorch", description="where latency and accuracy are measured: 'pytorch' (eager) or 'onnxruntime' (each "
+        "model exported to ONNX and run by ONNX Runtime on CPU, int8 with its own kernels; needs the onnx extra)")
 
     @field_validator("device")
     @classmethod
