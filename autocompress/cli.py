@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import AutocompressError
+from .guards import DEBUG_ENV, infeasible_message, redact, unexpected_error
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +38,7 @@ def _registry(plugins: Optional[List[str]]):
 
     reg = load_registry(extra_plugins=plugins or ())
     for plugin, reason in reg.load_errors:
-        err.print(f"[yellow]warning:[/] plugin {plugin!r} was not loaded: {reason}", highlight=False)
+        err.print(f"[yellow]warning:[/] plugin {escape(repr(plugin))} was not loaded: {escape(reason)}", highlight=False)
     return reg
 
 
@@ -45,6 +48,15 @@ def search(
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a spec key: KEY=VALUE (e.g. trials=40, recovery.steps=50)."),
     data: Optional[str] = typer.Option(None, "--data", help="Task data directory or file (sets data.path)."),
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Total finished trials wanted (sets search.trials)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Worker processes on this machine sharing the study, one trial each (one per GPU with CUDA)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by workers on several machines, e.g. postgresql+psycopg2://USER@HOST/DB (default: SQLite in the study folder)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N (sets measurement.device)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="optuna (worker processes) or ray (Ray Tune trials; pip install 'autocompress[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join: auto, or HOST:PORT (default: start Ray on this machine)."),
+    cpus_per_trial: Optional[float] = typer.Option(None, "--cpus-per-trial", help="Ray: CPUs reserved per trial (fractions allowed)."),
+    gpus_per_trial: Optional[float] = typer.Option(None, "--gpus-per-trial", help="Ray: GPUs per trial (0.5 = two trials share a GPU); > 0 runs trials on CUDA."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Ray: at most this many trials at once."),
+    max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Times a trial whose worker died (kill -9, out of memory, node lost) is run again."),
     results_dir: Path = ResultsOpt,
     plugin: Optional[List[str]] = PluginOpt,
 ) -> None:
@@ -57,12 +69,20 @@ def search(
         overrides.append(f"data.path={json.dumps(data)}")
     if trials is not None:
         overrides.append(f"search.trials={trials}")
+    for key, value in (("search.workers", workers), ("search.storage", storage), ("measurement.device", device),
+                       ("search.backend", backend), ("search.ray.address", ray_address),
+                       ("search.ray.cpus_per_trial", cpus_per_trial), ("search.ray.gpus_per_trial", gpus_per_trial),
+                       ("search.ray.max_concurrent", max_concurrent), ("search.max_failures", max_failures)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
     registry = _registry(plugin)
     spec = load_spec(spec_file, overrides=overrides)
     command = "autocompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     d = run_search(spec, registry=registry, results_dir=results_dir, command=command, log=_log)
     _print_front(d, fmt="table")
+    _warn_mixed_devices(d)
     err.print(f"Results: {d}/ (report.md, pareto.png, pareto.html, trials.csv)", highlight=False)
+    _fail_if_infeasible(d)
 
 
 @app.command()
@@ -90,6 +110,17 @@ def bench(
     run_bench(spec, registry=registry, out_dir=out_dir or Path("results") / spec.study,
               trials_per_technique=trials_per_technique, joint_trials=joint_trials, techniques=names,
               onnx_front=onnx_front, data=data, command=command, log=_log)
+
+
+def _fail_if_infeasible(d: Path) -> None:
+    """Finished, but no trial meets the constraints: say so, and exit non-zero (NoFeasibleTrial)."""
+    from .errors import NoFeasibleTrial
+    from .results import load_results
+
+    res = load_results(d)
+    problem = infeasible_message(res.rows, res.baseline, res.spec)
+    if problem:
+        raise NoFeasibleTrial(problem)
 
 
 @app.command()
@@ -190,6 +221,16 @@ def pareto(
     _print_front(d, fmt=format)
     if format == "table":
         err.print(f"Plots: {d / 'pareto.png'}, {d / 'pareto.html'}", highlight=False)
+    _warn_mixed_devices(d)
+
+
+def _warn_mixed_devices(d: Path) -> None:
+    from .results import load_results, mixed_devices_note
+
+    res = load_results(d)
+    note = mixed_devices_note(res.rows, res.baseline)
+    if note:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()
@@ -293,8 +334,50 @@ def predict(
         print(f"{label}\t{prob:.4f}\t{text}")  # plain tab-separated lines (rich would expand the tabs)
 
 
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="STUDY:N (a trial), STUDY:baseline, an exported or trial folder, a baseline cache folder, a Hugging Face folder or hub id, or 'default'."),
+    trial: Optional[int] = typer.Option(None, "--trial", "-t", help="MODEL is a study: profile this trial."),
+    compare: Optional[str] = typer.Option(None, "--compare", "-c", help="Another MODEL (same forms), e.g. the baseline: ratios model / reference per component."),
+    front: bool = typer.Option(False, "--front", help="MODEL is a study: profile every front trial against its baseline into STUDY/profiles/, linked from report.md."),
+    format: str = typer.Option("table", "--format", "-f", help="table or json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write stacked bars per component (one bar per model) to this .png."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per example (default: the study's model.max_length, else 64)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (models with int8 layers run on cpu)."),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes to time."),
+    examples: int = typer.Option(64, "--examples", help="Examples timed per batch size."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed passes per batch size (median reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed passes first, per batch size."),
+    timing: bool = typer.Option(True, "--time/--no-time", help="--no-time: parameters, bytes and FLOPs only."),
+    detail: bool = typer.Option(False, "--detail", help="Also print every (layer, component) cell."),
+    results_dir: Path = ResultsOpt,
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Where a model spends parameters, bytes, FLOPs and time: per component, per layer and in total."""
+    from .profile_models import parse_batch_sizes, profile_command
+
+    profile_command(model, fmt=format, plot=plot, front=front, detail=detail,
+                    print_=lambda item: print(item) if isinstance(item, str) else (out if out.is_terminal else Console(width=240)).print(item),
+                    trial=trial, compare=compare, results_dir=results_dir, seq_len=seq_len, device=device,
+                    batch_sizes=parse_batch_sizes(batch_sizes), examples=examples, repeats=repeats, warmup=warmup, timing=timing,
+                    registry=_registry(plugin), log=_log)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, job schedulers) stops as cleanly as Ctrl-C
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name``, from typer's vendored copy (typer >= 0.26) and from click itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def main() -> None:
@@ -305,25 +388,33 @@ def main() -> None:
     # Python installs no handler: make Ctrl-C / SIGINT always stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # typer turns a Ctrl-C that no command handled (imports, loading data, fine-tuning) into a returned 130
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except AutocompressError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escape: messages quote ranges such as [low, high] that rich would read as markup
+        err.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("Interrupted.")
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, _click_exceptions("Abort")):
             err.print("Aborted.")
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions("ClickException")):  # usage errors: bad option, missing argument
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, _click_exceptions("Exit")):
             sys.exit(exc.exit_code)
-        raise
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message, code = unexpected_error(exc)  # one line and a saved traceback, never the locals
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
                      f"{data.train_split} and {data.eval_split} files to evaluate on a real held-out split.")
     else:
         evaluation = Split(_texts(eval_tab, text_cols), [mapping[str(v)] for v in eval_raw])
+        if len(set(evaluation.labels)) == 1 and len(label_names) > 1:
+            notes.append(f"the evaluation split ({eval_tab.where}) has only one class "
+                         f"({label_names[evaluation.labels[0]]!r}): its accuracy is reported, but F1 and MCC are "
+                         "degenerate there. Use a held-out split with every class for meaningful figures.")
 
     n_val = _carve_size(data.validation_size, len(full))
     keep, carved = _carve(np.asarray(full.labels), n_val, _rng(seed, 2), what="validation", where=train_tab.where)

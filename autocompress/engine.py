@@ -150,7 +150,9 @@ class Prepared:
         else:
             value = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(path), metadata={"key": key})
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(tmp), metadata={"key": key})
+            os.replace(tmp, path)  # atomic: a worker never reads another worker's half-written file
         self._memo[key] = value
         return value
 
@@ -160,7 +162,10 @@ class Prepared:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = print) -> Prepared:
+def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = print, device: str | None = None,
+            threads: int | None = None) -> Prepared:
+    """Data, tokenisation and the fine-tuned baseline, once per process. ``device``/``threads`` override
+    measurement.device/threads for one worker (``--workers``: one GPU each, a share of the CPU cores)."""
     import torch
 
     from .data import encode, load_task_data
@@ -169,8 +174,8 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress lines say what is happening
-    device = pick_device(spec.measurement.device)
-    torch.set_num_threads(spec.measurement.threads or os.cpu_count() or 1)
+    device = pick_device(device or spec.measurement.device)
+    torch.set_num_threads(threads or spec.measurement.threads or os.cpu_count() or 1)
     data = load_task_data(spec.data, seed=spec.seed)
     tokenizer = load_tokenizer(spec.model)
     cache = cache_root() / "tokenized"
@@ -179,7 +184,9 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
     notes = list(data.notes)
     for label, enc in (("train", train), ("validation", validation), ("evaluation", evaluation)):
         if enc.truncated:
-            notes.append(f"{enc.truncated} {label} examples were truncated to model.max_length={spec.model.max_length} tokens")
+            notes.append(f"{enc.truncated} of {len(enc)} {label} examples were truncated to model.max_length="
+                         f"{spec.model.max_length} tokens (the rest of those texts is not seen); raise "
+                         "model.max_length to keep more of long texts")
     latency_sets = encode_latency_sets(spec, data.evaluation, tokenizer, cache_dir=cache)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log)
@@ -199,13 +206,10 @@ def encode_latency_sets(spec: Spec, evaluation: Any, tokenizer: Any, *, cache_di
             for bs in m.batch_sizes}
 
 
-def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,
-                 pad_token_id: int, log: Callable[[str], None]) -> tuple["nn.Module", Path, str]:
-    """Fine-tune the base model once, cached by model, data and hyperparameters."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .modeling import load_base_classifier, resolve_model_path
-    from .train import fine_tune, steps_for
+def baseline_location(spec: Spec, data: "TaskData") -> tuple[str, Path]:
+    """The cache key of a study's fine-tuned baseline (model, data, hyperparameters, seed) and its folder
+    (``model/`` inside holds the weights once fine-tuned)."""
+    from .modeling import resolve_model_path
 
     key = _hash({
         "model": spec.model.model_dump(mode="json"),
@@ -215,7 +219,18 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
         "seed": spec.seed,
         "v": 1,
     })
-    bdir = cache_root() / "baselines" / key
+    return key, cache_root() / "baselines" / key
+
+
+def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,
+                 pad_token_id: int, log: Callable[[str], None]) -> tuple["nn.Module", Path, str]:
+    """Fine-tune the base model once, cached by model, data and hyperparameters."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import load_base_classifier
+    from .train import fine_tune, steps_for
+
+    key, bdir = baseline_location(spec, data)
     done = bdir / "model" / "config.json"
     if done.is_file():
         log(f"Reusing the cached fine-tuned baseline {bdir}")
@@ -229,12 +244,16 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
     stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
                       weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=spec.seed, device=device,
                       pad_token_id=pad_token_id, on_step=reporter)
-    tmp = bdir / "model.partial"
+    tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     (bdir / "train_stats.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(bdir / "model", ignore_errors=True)
-    tmp.rename(bdir / "model")  # atomic: an interrupted fine-tune never leaves a half-written cache
+    if not done.is_file():
+        shutil.rmtree(bdir / "model", ignore_errors=True)
+    try:
+        tmp.rename(bdir / "model")  # atomic: an interrupted fine-tune never leaves a half-written cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process cached the same fine-tune first
     return model.eval(), bdir, key
 
 

@@ -1,7 +1,9 @@
 """One root exception for everything autocompress reports to a user.
 
 Messages follow one shape: what is wrong (naming the parameter or key), the value received, and the fix.
-The CLI prints ``str(error)`` and exits non-zero; it never shows a traceback for these.
+The CLI prints ``str(error)`` and exits non-zero; it never shows a traceback for these. Exit codes: 2 for
+these errors, 3 when a search finished but no trial meets the constraints, 130 when interrupted, 1 for an
+unexpected exception (a bug: its traceback is saved to a file, see :mod:`autocompress.guards`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class TrialError(AutocompressError):
 
 class StudyError(AutocompressError):
     """A study or results folder is missing, inconsistent or cannot be written."""
+
+
+class NoFeasibleTrial(StudyError):
+    """The search finished and saved every trial, but none meets the spec's constraints."""
+
+    exit_code = 3
 
 
 def close_matches(word: str, candidates: list[str] | tuple[str, ...] | set[str]) -> str:

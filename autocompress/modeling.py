@@ -33,6 +33,13 @@ RECIPE_FILE = "recipe.json"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.json"
 SIZE_FILES = (MODEL_FILE, RECIPE_FILE, CONFIG_FILE)  # what "size of the saved model" counts
+MODEL_FIX = ("point model.name at a complete Hugging Face model folder (config.json, tokenizer files, "
+             "model.safetensors, as written by save_pretrained), a hub id, or 'default'")
+
+
+def _first(exc: BaseException) -> str:
+    """The first line of an exception (transformers adds paragraphs of advice that bury the cause)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
 def resolve_model_path(name: str) -> str:
@@ -89,7 +96,7 @@ def load_tokenizer(model: ModelSpec):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"could not load a tokenizer from model.name {model.name!r} ({path}): {exc}") from None
+        raise ModelError(f"could not load a tokenizer from model.name {model.name!r} ({path}): {_first(exc)}; {MODEL_FIX}") from None
 
 
 def load_base_classifier(model: ModelSpec, *, label_names: list[str]) -> "nn.Module":
@@ -107,7 +114,7 @@ def load_base_classifier(model: ModelSpec, *, label_names: list[str]) -> "nn.Mod
             trust_remote_code=model.trust_remote_code,
         )
     except Exception as exc:
-        raise ModelError(f"could not read the model config of model.name {model.name!r} ({path}): {exc}") from None
+        raise ModelError(f"could not read the model config of model.name {model.name!r} ({path}): {_first(exc)}; {MODEL_FIX}") from None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here: we fine-tune it
     try:
@@ -115,7 +122,7 @@ def load_base_classifier(model: ModelSpec, *, label_names: list[str]) -> "nn.Mod
             path, config=config, trust_remote_code=model.trust_remote_code
         )
     except Exception as exc:
-        raise ModelError(f"could not load model weights from model.name {model.name!r} ({path}): {exc}") from None
+        raise ModelError(f"could not load model weights from model.name {model.name!r} ({path}): {_first(exc)}; {MODEL_FIX}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

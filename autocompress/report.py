@@ -500,6 +500,9 @@ def write_report_md(
         md += [f"| {r.get('number')} | {params_summary(r.get('params')) or '(none)'} |" for r in front] + [""]
     else:
         md += ["_No completed, feasible trial has every objective measured, so there is no front._", ""]
+    from .profile_render import report_lines  # links to per-trial profiles (autocompress profile STUDY --front)
+
+    md += report_lines(out_dir, front, study=str(spec_summary.get("study") or out_dir.name))
     md += ["## Trials", "", "| state | count |", "|---|---:|", *[f"| {s} | {n} |" for s, n in sorted(states.items())], "",
            "PRUNED trials are sampled pipelines with every technique off (the baseline itself): skipped, not "
            "run and not counted towards the requested total.", "",

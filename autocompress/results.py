@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,34 @@ def _collect(d: Path, study: Any, spec: Spec, command: str) -> StudyResults:
     baseline = study.user_attrs.get("baseline") or {}
     objectives = spec.objective_list()
     front = front_rows(rows, objectives) if baseline else []
-    return StudyResults(spec, rows, baseline, objectives, front, list(study.user_attrs.get("notes", [])), command)
+    notes = list(study.user_attrs.get("notes", []))
+    mixed = mixed_devices_note(rows, baseline)
+    if mixed:
+        notes.append(mixed)
+    return StudyResults(spec, rows, baseline, objectives, front, notes, command)
+
+
+def _hardware(device: str) -> str:
+    # "cuda:1 (NVIDIA H100 ...)" and "cuda:0 (NVIDIA H100 ...)" are the same hardware: drop the index.
+    return re.sub(r"^cuda:\d+", "cuda", device or "?")
+
+
+def mixed_devices_note(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> str | None:
+    """A note naming every hardware the latencies were measured on, when it is more than one."""
+    if not baseline:
+        return None
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["state"] == "COMPLETE":
+            key = _hardware(r.get("device") or "?")
+            counts[key] = counts.get(key, 0) + 1
+    base = _hardware(baseline.get("device") or "?")
+    if not counts or set(counts) == {base}:
+        return None
+    trials = "; ".join(f"{n} trial(s) on {dev}" for dev, n in counts.items())
+    return (f"Latencies were measured on different hardware: the baseline on {base}; {trials}. The front and "
+            "the speed-ups compare them as measured, so latency differences between these groups are partly "
+            "the hardware's (each trial's device is in trials.csv)")
 
 
 def load_results(d: str | Path) -> StudyResults:
@@ -54,7 +82,15 @@ def load_results(d: str | Path) -> StudyResults:
 
 
 def write_results(d: Path, *, study: Any, spec: Spec) -> list[dict[str, Any]]:
-    """Rewrite every results file from storage and drop trial models that are no longer needed."""
+    """Rewrite every results file from storage and drop trial models that are no longer needed (one writer
+    at a time: workers sharing the folder finish trials at the same moment)."""
+    from .parallel import results_lock
+
+    with results_lock(d):
+        return _write_results(d, study=study, spec=spec)
+
+
+def _write_results(d: Path, *, study: Any, spec: Spec) -> list[dict[str, Any]]:
     from .measure import protocol
     from .report import write_all
 
@@ -83,11 +119,11 @@ def write_results(d: Path, *, study: Any, spec: Spec) -> list[dict[str, Any]]:
 
 
 def _prune_models(d: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], keep: str) -> None:
-    if keep == "all":
-        return
     keep_numbers = {r["number"] for r in front} if keep == "front" else set()
     for r in rows:
-        if r["state"] == "COMPLETE" and r["number"] not in keep_numbers:
+        # A failed trial's folder is what a kill or crash left mid-save: never a model to keep.
+        if r["state"] in ("FAIL", "PRUNED") or (keep != "all" and r["state"] == "COMPLETE"
+                                                and r["number"] not in keep_numbers):
             shutil.rmtree(d / "trials" / str(r["number"]), ignore_errors=True)
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 
 import json
-import math
 import shutil
 import sys
 import time
-import traceback
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AutocompressError, StudyError
+from .guards import check_free_space, check_model, discard_if_unstarted, hold_study_lock, spec_changes
+from .report import _write_text as write_atomic
 from .registry import Registry
 from .space import Suggester, enqueued_params, resolve_space, sample
 from .spec import Spec, dump_spec
@@ -52,41 +53,64 @@ def space_fingerprint(spec: Spec) -> str:
     import hashlib
 
     dumped = spec.model_dump(mode="json")
+    # Where trials run is not what they are: the device is recorded with every measurement instead, so a
+    # study can be resumed, or shared by workers, on other hardware ("auto" keeps older fingerprints valid).
+    dumped["measurement"]["device"] = "auto"
     blob = json.dumps({k: dumped[k] for k in SEARCH_KEYS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def make_sampler(spec: Spec, n_objectives: int):
+def _changed_keys(d: Path, spec: Spec) -> list[str]:
+    """What changed since the study's last run (from its spec.resolved.yaml), for the refusal message."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((d / SPEC_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    new = spec.model_dump(mode="json")
+    for dumped in (old, new):  # the device is not part of the fingerprint (see space_fingerprint)
+        if isinstance(dumped.get("measurement"), dict):
+            dumped["measurement"]["device"] = "auto"
+    return spec_changes(old, new, SEARCH_KEYS)
+
+
+def make_sampler(spec: Spec, n_objectives: int, *, seed_offset: int = 0):
     import optuna
 
     # Constraints reach the samplers through Trial.set_constraint (Optuna 5), not constraints_func.
+    # Workers sharing a study get different seeds, or they would all propose the same parameters.
     s = spec.search
+    seed = s.seed + seed_offset
     if s.sampler == "nsga2":
         pop = s.population_size or max(2, min(20, s.trials))
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=pop)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=s.seed)
+        # constant_liar: other workers' running trials count as bad guesses, so parallel workers spread out
+        # (one process never has another trial running while it samples: no change there).
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(spec: Spec, d: Path, *, create: bool = True):
+def open_study(spec: Spec, d: Path, *, create: bool = True, seed_offset: int = 0):
     import optuna
+
+    from .parallel import make_storage, redact
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = spec.search.storage or f"sqlite:///{d / 'study.db'}"
     directions = [direction for _, direction in spec.objective_list()]
+    storage = make_storage(url, spec, writer=create)
+    sampler = make_sampler(spec, len(directions), seed_offset=seed_offset)
     try:
-        storage: Any = url
-        if url.startswith("sqlite:"):
-            # Readers (`autocompress pareto`/`show`, optuna-dashboard) may hold the file briefly while a trial
-            # is recorded; wait for them (sqlite's default is 5 s) rather than fail the write with "locked".
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         if create:
             return optuna.create_study(study_name=spec.study, storage=storage, directions=directions,
-                                       sampler=make_sampler(spec, len(directions)), load_if_exists=True)
-        return optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec, len(directions)))
+                                       sampler=sampler, load_if_exists=True)
+        return optuna.load_study(study_name=spec.study, storage=storage, sampler=sampler)
     except (KeyError, ValueError) as exc:
-        raise StudyError(f"cannot open study {spec.study!r} in storage {url!r}: {exc}") from None
+        raise StudyError(f"cannot open study {spec.study!r} in storage {redact(url)!r}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -149,17 +173,16 @@ def finished_count(study: Any) -> int:
     )
 
 
-def mark_stale_running(study: Any) -> int:
-    """A RUNNING trial found when a single-process study starts was cut off (Ctrl-C, kill, crash)."""
+def mark_stale_running(study: Any, *, max_failures: int = 2) -> int:
+    """A RUNNING trial found when a single-process study starts was cut off (kill, crash): it is run again
+    with the same parameters, up to ``max_failures`` times (see :func:`parallel.record_stale`)."""
     from optuna.trial import TrialState
 
+    from .parallel import record_stale
+
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        _requeue(study, t)
-        n += 1
+    for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        n += record_stale(study, t, why="the process stopped mid-trial (killed or crashed)", max_failures=max_failures)
     return n
 
 
@@ -172,10 +195,10 @@ def _requeue(study: Any, trial: Any) -> None:
 class _Progress:
     """Trial n/N, elapsed, front size; a live bar on a terminal, one line per trial otherwise."""
 
-    def __init__(self, total: int, done: int, *, log: Callable[[str], None]) -> None:
+    def __init__(self, total: int, done: int, *, log: Callable[[str], None], bar: bool = True) -> None:
         self.log, self.total, self.start = log, total, time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty():
+        if bar and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -196,73 +219,143 @@ class _Progress:
 
 
 def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, command: str,
-               log: Callable[[str], None] = print) -> Path:
-    """Run (or resume) the study to ``spec.search.trials`` finished trials; return the study folder."""
+               log: Callable[[str], None] = print, worker: Any = None) -> Path:
+    """Run (or resume) the study to ``spec.search.trials`` finished trials; return the study folder.
+
+    ``worker`` (a :class:`workers.WorkerRole`) marks a process started by ``--workers N``: the command's own
+    process has set the study up and measured the baseline, so the worker only runs trials. Every process
+    shares the loop below: it starts a trial only while finished + running trials stay below the total, keeps
+    the running trial's heartbeat, and fails (then retries) trials whose worker died (:mod:`parallel`)."""
     from optuna.trial import TrialState
 
-    from .engine import measure_baseline, prepare, run_trial
+    from .engine import measure_baseline, prepare
+    from .objective import evaluate, record
+    from .parallel import Heartbeat, next_turn, redact, skip_reason, worker_label
     from .results import write_results
 
     space = resolve_space(spec, registry)  # validate everything before any work
     d = study_dir(results_dir, spec.study)
     _check_writable(d)
+    # One command per study folder (its workers excepted); released when this function returns or raises.
+    lock = hold_study_lock(d, spec) if worker is None else None  # noqa: F841
+    check_free_space(d, spec)
     fp = space_fingerprint(spec)
     state_path = d / STATE_FILE
     if state_path.is_file():
-        old = json.loads(state_path.read_text())
-        if old.get("space_fingerprint") != fp:
+        try:
+            old = json.loads(state_path.read_text())
+        except ValueError:
+            raise StudyError(f"{str(state_path)!r} is not valid JSON (edited by hand?); delete that file and run the "
+                             "same command again: it is rewritten from the spec, and the trials in study.db are kept") from None
+        if old.get("space_fingerprint") != fp and discard_if_unstarted(spec, d):
+            log(f"The spec changed since the last run of study {spec.study!r}, which stopped before any trial; "
+                "starting it afresh")
+        elif old.get("space_fingerprint") != fp:
+            changed = _changed_keys(d, spec)
             raise StudyError(
                 f"study {spec.study!r} in {str(d)!r} was run with a different search spec (model, data, budgets, "
-                "measurement, objectives, techniques or constraints changed; only search.* may change on resume). "
+                "measurement, objectives, techniques or constraints changed; only search.* may change on resume)"
+                + (f"; changed: {', '.join(changed)}" if changed else "") + ". "
                 "Give the changed spec a new study name (--set study=NEW), or delete the folder to start over."
             )
-    study = open_study(spec, d)
-    # Pipelines appended to search.enqueue since the last run are queued on resume (extend a grid).
-    queued = int(study.user_attrs.get("enqueued", 0))
-    # Validate every new pipeline before queueing any, so a bad entry never leaves half a grid queued.
-    new = [(i, enqueued_params(space, p, where=f"search.enqueue[{i}]"))
-           for i, p in enumerate(spec.search.enqueue[queued:], start=queued)]
-    for i, params in new:
-        study.enqueue_trial(params, user_attrs={"enqueued": i})
-    if len(spec.search.enqueue) > queued:
-        study.set_user_attr("enqueued", len(spec.search.enqueue))
-    stale = mark_stale_running(study)
-    if stale:
-        log(f"Marked {stale} interrupted trial(s) as failed; they do not count towards the total")
-    (d / SPEC_FILE).write_text(dump_spec(spec))
-    state = {"study": spec.study, "space_fingerprint": fp, "command": command,
-             "objectives": spec.objective_list(), "storage": spec.search.storage or "sqlite:///study.db"}
-    state_path.write_text(json.dumps(state, indent=2))
+    # Processes sharing a study sample with different seeds, or they would all propose the same parameters:
+    # a --workers child on the study folder's storage by its index; any process on an explicit (possibly
+    # shared by several machines) storage by its host:pid.
+    if spec.search.storage is not None:
+        seed_offset, stride = zlib.crc32(worker_label().encode()) % 100_000, 1
+    else:
+        seed_offset, stride = (worker.index, worker.count) if worker is not None else (0, 1)
+    study = open_study(spec, d, seed_offset=seed_offset)
+    resumed_at = len(study.get_trials(deepcopy=False))
+    if resumed_at:  # a sampler seeded as on the first run would propose the finished trials' parameters again
+        # (index + resumed_at * workers: two workers that saw different trial counts still get different seeds)
+        study.sampler = make_sampler(spec, len(spec.objective_list()), seed_offset=seed_offset + resumed_at * stride)
+    if worker is None:
+        # Pipelines appended to search.enqueue since the last run are queued on resume (extend a grid).
+        queued = int(study.user_attrs.get("enqueued", 0))
+        # Validate every new pipeline before queueing any, so a bad entry never leaves half a grid queued.
+        new = [(i, enqueued_params(space, p, where=f"search.enqueue[{i}]"))
+               for i, p in enumerate(spec.search.enqueue[queued:], start=queued)]
+        for i, params in new:
+            study.enqueue_trial(params, user_attrs={"enqueued": i})
+        if len(spec.search.enqueue) > queued:
+            study.set_user_attr("enqueued", len(spec.search.enqueue))
+        if spec.search.storage is None:
+            # The study folder's own SQLite file: one command at a time, so a RUNNING trial is a dead one.
+            # On an explicit storage other machines may be running trials: heartbeats tell (parallel.py).
+            stale = mark_stale_running(study, max_failures=spec.search.max_failures)
+            if stale:
+                log(f"Marked {stale} trial(s) cut off by a crash or kill as failed; they are run again "
+                    "and do not count towards the total")
+        write_atomic(d / SPEC_FILE, dump_spec(spec))  # a kill mid-write never leaves half a file
+        state = {"study": spec.study, "space_fingerprint": fp, "command": command,
+                 "objectives": spec.objective_list(),
+                 "storage": redact(spec.search.storage) if spec.search.storage else "sqlite:///study.db"}
+        write_atomic(state_path, json.dumps(state, indent=2))
 
     done = finished_count(study)
     if done >= spec.search.trials:
         log(f"Study {spec.study!r} already has {done} finished trials (requested {spec.search.trials}); nothing to run")
         write_results(d, study=study, spec=spec)
         return d
+    if worker is None:
+        check_model(spec, registry, space)  # before data and fine-tuning: trust_remote_code, architecture
+    if worker is None and spec.search.backend == "ray":
+        from .ray_backend import run_ray
 
-    prep = prepare(spec, registry, log=log)
+        return run_ray(spec, registry=registry, d=d, study=study, command=command, log=log)
+
+    role = worker
+    if worker is None and spec.search.workers > 1:
+        from .workers import plan_workers
+
+        roles = plan_workers(spec, log=log)
+        role = roles[0]  # the baseline is measured where (and with the threads) the first worker measures
+    prep = prepare(spec, registry, log=log, device=getattr(role, "device", None), threads=getattr(role, "threads", None))
+    for note in prep.notes if worker is None else ():
+        log(f"Note: {note}")  # truncated texts, carved splits, label mapping: also in report.md
     for name in [ts.technique.name for ts in space.active()]:
         reason = registry.get(name).supports(prep.baseline, device=prep.device)
         if reason:
             raise StudyError(f"technique {name!r} cannot run here: {reason}. Set techniques.{name}.enabled: false")
-    device_desc = _device_desc(prep.device)
     baseline = study.user_attrs.get("baseline")
     if baseline is None:
         log("Measuring the baseline")
         baseline = measure_baseline(prep)
-        baseline["device"] = device_desc
+        baseline["device"] = _device_desc(prep.device)
         study.set_user_attr("baseline", baseline)
         study.set_user_attr("notes", prep.notes)
     log(_baseline_line(baseline, spec))
-    progress = _Progress(spec.search.trials, done, log=log)
+    if worker is None and spec.search.workers > 1:
+        from .workers import run_workers
+
+        del prep  # the workers load their own copy
+        return run_workers(spec, roles, registry=registry, d=d, study=study, results_dir=results_dir,
+                           command=command, log=log)
+    progress = _Progress(spec.search.trials, done, log=log, bar=worker is None)
+    beat = Heartbeat(study)  # other workers, and a resumed run, tell a live trial from a dead one by it
     empty_in_a_row = 0
     current = None  # the asked, not yet told, trial
     try:
-        while done < spec.search.trials:
+        while worker is None or worker.parent_alive():
+            done = next_turn(study, spec, log=log)
+            if done is None:
+                break
             with _signals_deferred() as pending:
                 trial = current = study.ask()
+                beat.follow(trial)
+                trial.set_user_attr("worker", worker_label())
             if pending:
                 raise KeyboardInterrupt
+            skip = skip_reason(study, trial, spec.search.trials)
+            if skip:
+                trial.set_user_attr("skipped", skip)
+                trial.set_user_attr("fail_reason", f"skipped: {skip}")
+                study.tell(trial, state=TrialState.PRUNED)
+                if skip.startswith("surplus"):
+                    _requeue(study, study._storage.get_trial(trial._trial_id))
+                current = None
+                continue
             pipeline = sample(space, Suggester(trial))
             trial.set_user_attr("pipeline", list(pipeline))
             trial.set_user_attr("params", pipeline)
@@ -277,39 +370,16 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                     raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
                 continue
             empty_in_a_row = 0
-            trial_dir = d / "trials" / str(trial.number)
-            start = time.perf_counter()
-            try:
-                metrics = run_trial(prep, pipeline, save_dir=trial_dir)
-                values = [metrics[name] for name, _ in spec.objective_list()]
-                bad = [n for (n, _), v in zip(spec.objective_list(), values) if not math.isfinite(float(v))]
-                if bad:
-                    raise AutocompressError(f"objective(s) {', '.join(bad)} measured as non-finite")
-            except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-                reason = str(exc) if isinstance(exc, AutocompressError) else f"{type(exc).__name__}: {exc}"
-                trial.set_user_attr("fail_reason", reason)
-                trial.set_user_attr("traceback", traceback.format_exc(limit=8)[-4000:])
-                trial.set_user_attr("duration_s", time.perf_counter() - start)
-                study.tell(trial, state=TrialState.FAIL)
-                current = None
-                shutil.rmtree(trial_dir, ignore_errors=True)
-                done += 1
-                progress.update(done, f"trial {trial.number} FAILED: {reason}", _front_size(study, spec))
-                write_results(d, study=study, spec=spec)
-                continue
-            trial.set_user_attr("metrics", metrics)
-            constraints = constraint_values(metrics, baseline, spec)
-            trial.set_user_attr("constraints", constraints)
-            for key, value in constraints.items():
-                trial.set_constraint(key, value)
-            trial.set_user_attr("duration_s", time.perf_counter() - start)
-            trial.set_user_attr("device", device_desc)
-            trial.set_user_attr("model_dir", str(trial_dir.relative_to(d)))
-            study.tell(trial, values)
+            outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number))
+            record(study, trial, outcome, baseline=baseline, spec=spec, d=d)
             current = None
             done += 1
             front = write_results(d, study=study, spec=spec)
-            progress.update(done, _trial_line(trial.number, pipeline, metrics, baseline, spec), len(front))
+            if "fail_reason" in outcome:
+                line = f"trial {trial.number} FAILED: {outcome['fail_reason']}"
+            else:
+                line = _trial_line(trial.number, pipeline, outcome["metrics"], baseline, spec)
+            progress.update(done, line, len(front))
     except KeyboardInterrupt:
         if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
             # Whatever point of the trial the signal hit, it is recorded and does not count.
@@ -320,7 +390,9 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
         progress.close()
         write_results(d, study=study, spec=spec)
-        raise StudyInterrupted(done, spec.search.trials, command) from None
+        raise StudyInterrupted(finished_count(study), spec.search.trials, command) from None
+    finally:
+        beat.stop()
     progress.close()
     return d
 
@@ -332,12 +404,6 @@ class StudyInterrupted(AutocompressError):
         super().__init__(
             f"Interrupted: {done}/{total} trials finished and saved. Resume with the same command:\n  {command}"
         )
-
-
-def _front_size(study: Any, spec: Spec) -> int:
-    from .pareto import front_rows
-
-    return len(front_rows([trial_row(t) for t in study.get_trials(deepcopy=False)], spec.objective_list()))
 
 
 def _device_desc(device: str) -> str:

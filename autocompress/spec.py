@@ -116,6 +116,22 @@ class TechniqueSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RaySpec(_Strict):
+    """Ray Tune backend (``search.backend: ray``; needs ``pip install 'autocompress[ray]'``)."""
+
+    address: str | None = Field(None, description="Ray cluster to join ('auto', or 'HOST:PORT'); unset = start Ray on this machine")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved for each trial (fractions allowed)")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs reserved for each trial (fractions share one GPU); > 0 runs trials on CUDA")
+    max_concurrent: int | None = Field(None, ge=1, description="at most this many trials at once (default: as many as the resources allow)")
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpus(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"a trial takes a fraction of one GPU or whole GPUs, got {v}; use e.g. 0.5, 1 or 2")
+        return v
+
+
 class SearchSpec(_Strict):
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     seed: int = 0
@@ -128,6 +144,23 @@ class SearchSpec(_Strict):
         description="pipelines ({technique: {param: value}}) run first, exactly as given, before the sampler "
         "proposes any; unset parameters take the spec's fixed value or the technique's default; unlisted "
         "techniques are off")
+    backend: Literal["optuna", "ray"] = Field("optuna", description="optuna: worker processes sharing the study "
+                                              "storage; ray: Ray Tune trials (search.ray)")
+    workers: int = Field(1, ge=1, description="worker processes on this machine, one trial each, sharing the study "
+                         "(with several GPUs: one per GPU)")
+    max_failures: int = Field(2, ge=0, description="times a trial whose worker died (killed, out of host memory, node "
+                              "lost) is started again; an exception inside a trial is recorded as its failure at once")
+    heartbeat_interval: int = Field(10, ge=1, description="seconds between a running trial's heartbeats in the storage")
+    heartbeat_grace: int = Field(60, ge=2, description="a running trial without a heartbeat for this long is stale: "
+                                 "its worker died, and it is retried")
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> "SearchSpec":
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(f"search.heartbeat_grace ({self.heartbeat_grace}) must be longer than "
+                             f"search.heartbeat_interval ({self.heartbeat_interval}), e.g. 6 times it")
+        return self
 
 
 class ConstraintSpec(_Strict):
