@@ -108,3 +108,23 @@ def test_plugins_that_fail_to_load_are_isolated(cli, tmp_path, tiny_model_dir, t
     res = cli("search", spec, *plugins)
     assert res.code == 2 and "Traceback" not in res.text
     assert "warning: plugin" in res.err and "unknown technique 'broken_tech'" in res.err
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback():
+    """The console script's entry point catches a Ctrl-C that lands before the CLI's handlers exist."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Interrupting:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'autocompress.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        "from autocompress.entry import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "Interrupted.", proc.stderr
+    assert "Traceback" not in proc.stderr
