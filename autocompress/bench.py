@@ -52,14 +52,9 @@ def derive_spec(spec: Spec, *, study: str, techniques: Sequence[str], trials: in
 def machine_description(threads: int) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .modeling import cpu_name
+
+    cpu = cpu_name()
     try:
         import onnxruntime
 

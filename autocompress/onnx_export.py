@@ -231,10 +231,17 @@ def int8_matmul_nodes(x: str, out: str, *, key: str, tag: str, bias: str | None 
         helper.make_node("Cast", [t + "_acc"], [t + "_accf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", [t + "_s", key + "_ws"], [t + "_scale"]),
     ]
+    return nodes + _rescale(t, out, bias)
+
+
+def _rescale(t: str, out: str, bias: str | None) -> list[Any]:
+    """``out = acc * (activation scale * row scale) (+ bias)``: the float tail of both int8 lowerings."""
+    from onnx import helper
+
     if bias:
-        return nodes + [helper.make_node("Mul", [t + "_accf", t + "_scale"], [t + "_y"]),
-                        helper.make_node("Add", [t + "_y", bias], [out])]
-    return nodes + [helper.make_node("Mul", [t + "_accf", t + "_scale"], [out])]
+        return [helper.make_node("Mul", [t + "_accf", t + "_scale"], [t + "_y"]),
+                helper.make_node("Add", [t + "_y", bias], [out])]
+    return [helper.make_node("Mul", [t + "_accf", t + "_scale"], [out])]
 
 
 def int8_matmul_nodes_ort(x: str, out: str, *, key: str, tag: str, bias: str | None = None) -> list[Any]:
@@ -251,10 +258,7 @@ def int8_matmul_nodes_ort(x: str, out: str, *, key: str, tag: str, bias: str | N
         helper.make_node("Cast", [t + "_acc"], [t + "_accf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", [t + "_s", key + "_ws"], [t + "_scale"]),
     ]
-    if bias:
-        return nodes + [helper.make_node("Mul", [t + "_accf", t + "_scale"], [t + "_y"]),
-                        helper.make_node("Add", [t + "_y", bias], [out])]
-    return nodes + [helper.make_node("Mul", [t + "_accf", t + "_scale"], [out])]
+    return nodes + _rescale(t, out, bias)
 
 
 def lower_int8(path: Path, model: "nn.Module", int8: Mapping[str, "OnnxInt8Linear"], *,
