@@ -120,8 +120,11 @@ def test_workers_share_one_study_without_lost_or_duplicated_trials(tmp_path, tin
     done = [r for r in rows if r["state"] == "COMPLETE"]
     for index in range(3):                                   # each seeded pipeline ran exactly once
         assert sum(r["user"].get("enqueued") == index for r in done) == 1, index
-    sampled = [tuple(sorted(r["params"].items())) for r in done if "enqueued" not in r["user"]]
-    assert len(sampled) == len(set(sampled)), "workers proposed identical parameters (same seed?)"
+    # Workers' samplers are seeded differently: no continuous value is proposed twice (all-categorical
+    # parameter sets may coincide by chance, as in any random search).
+    fractions = [r["params"]["head_pruning.fraction"] for r in done
+                 if "enqueued" not in r["user"] and "head_pruning.fraction" in r["params"]]
+    assert len(fractions) == len(set(fractions)), f"workers proposed identical values (same seed?): {fractions}"
     assert len({r["user"]["worker"] for r in done}) >= 2    # the work really was shared
     front = json.loads(cli("pareto", "tiny", "--format", "json", cwd=tmp_path, env=env).stdout)
     assert front
