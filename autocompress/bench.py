@@ -71,16 +71,12 @@ def machine_description(threads: int) -> str:
 
 
 def _timed(model: Any, prep: Any) -> dict[str, Any]:
-    from .measure import evaluate, latency_ms_per_example
+    from .engine import latency_metrics
+    from .measure import evaluate
 
-    m = prep.spec.measurement
     out: dict[str, Any] = {f"eval_{k}": v for k, v in evaluate(model, prep.evaluation, device="cpu",
                                                                 pad_token_id=prep.pad_token_id).items()}
-    for bs, enc in prep.latency_sets.items():
-        lat = latency_ms_per_example(model, enc, batch_size=bs, device="cpu", warmup=m.warmup, repeats=m.repeats,
-                                     pad_token_id=prep.pad_token_id)
-        out[f"latency_bs{bs}"], out[f"latency_bs{bs}_spread"] = lat["median"], [lat["min"], lat["max"]]
-    return out
+    return {**out, **latency_metrics(model, prep, device="cpu")}
 
 
 def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:

@@ -276,7 +276,7 @@ def _step_reporter(log: Callable[[str], None], total: int) -> Callable[[int, int
 
 def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: Mapping[str, Any],
             recipe: list[dict[str, Any]], flops: float | None = None) -> dict[str, Any]:
-    from .measure import evaluate, flops_per_example, latency_ms_per_example
+    from .measure import evaluate, flops_per_example
     from .modeling import param_count, save_compressed
 
     m = prep.spec.measurement
@@ -288,11 +288,7 @@ def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: 
     ev = evaluate(model, prep.evaluation, device=prep.device, pad_token_id=prep.pad_token_id)
     metrics.update(val)
     metrics.update({f"eval_{k}": v for k, v in ev.items()})
-    for bs, enc in prep.latency_sets.items():
-        lat = latency_ms_per_example(model, enc, batch_size=bs, device=prep.device, warmup=m.warmup,
-                                     repeats=m.repeats, pad_token_id=prep.pad_token_id)
-        metrics[f"latency_bs{bs}"] = lat["median"]
-        metrics[f"latency_bs{bs}_spread"] = [lat["min"], lat["max"]]
+    metrics.update(latency_metrics(model, prep, device=prep.device))
     metrics["size_mb"] = size / 1e6
     metrics["size_bytes"] = size
     metrics["params"] = param_count(model)
@@ -303,6 +299,19 @@ def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: 
     return metrics
 
 
+def latency_metrics(model: Any, prep: Prepared, *, device: str) -> dict[str, Any]:
+    """``latency_bs{N}`` (median ms/example) and its spread for every configured batch size, with the study's
+    protocol on its fixed latency sample: one definition for trials, the baseline, ONNX Runtime and peers."""
+    from .measure import latency_ms_per_example
+
+    m, out = prep.spec.measurement, {}
+    for bs, enc in prep.latency_sets.items():
+        lat = latency_ms_per_example(model, enc, batch_size=bs, device=device, warmup=m.warmup, repeats=m.repeats,
+                                     pad_token_id=prep.pad_token_id)
+        out[f"latency_bs{bs}"], out[f"latency_bs{bs}_spread"] = lat["median"], [lat["min"], lat["max"]]
+    return out
+
+
 def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]) -> None:
     """``measurement.runtime: onnxruntime``: export the saved model to ONNX (int8 with ONNX Runtime's own
     kernels) and measure accuracy and latency *in ONNX Runtime*; those become the trial's objectives, and the
@@ -310,8 +319,8 @@ def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]
     fails the trial with the technique's reason: its latency would be from another runtime."""
     import torch
 
-    from .measure import evaluate, latency_ms_per_example
     from .errors import SpecError
+    from .measure import evaluate
     from .onnx_export import OrtClassifier, example_batch, export_graph, missing_dependencies
     from .timing import add_compute
 
@@ -319,7 +328,6 @@ def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]
     if missing:
         raise SpecError(f"measurement.runtime 'onnxruntime' needs {', '.join(missing)}: pip install "
                         "'autocompress[onnx]', or set measurement.runtime: pytorch")
-    m = prep.spec.measurement
     for key in [k for k in metrics if k.startswith("latency_bs") or k in ("accuracy", "f1", "mcc")
                 or k.startswith("eval_")]:
         metrics[f"pytorch_{key}"] = metrics[key]
@@ -334,11 +342,7 @@ def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]
         metrics.update(evaluate(session, prep.validation, pad_token_id=prep.pad_token_id))
         metrics.update({f"eval_{k}": v for k, v in evaluate(session, prep.evaluation,
                                                              pad_token_id=prep.pad_token_id).items()})
-        for bs, enc in prep.latency_sets.items():
-            lat = latency_ms_per_example(session, enc, batch_size=bs, device="cpu", warmup=m.warmup,
-                                         repeats=m.repeats, pad_token_id=prep.pad_token_id)
-            metrics[f"latency_bs{bs}"] = lat["median"]
-            metrics[f"latency_bs{bs}_spread"] = [lat["min"], lat["max"]]
+        metrics.update(latency_metrics(session, prep, device="cpu"))
         add_compute(time.perf_counter() - started)
         metrics["onnx_size_mb"] = path.stat().st_size / 1e6
     metrics["runtime"] = f"onnxruntime ({(info.get('int8') or {}).get('kernels', 'fp32')})"
