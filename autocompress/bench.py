@@ -32,10 +32,11 @@ def technique_names(spec: Spec) -> list[str]:
     return [name for name, t in spec.techniques.items() if t.enabled is not False]
 
 
-def derive_spec(spec: Spec, *, study: str, techniques: Sequence[str], trials: int, single: bool) -> Spec:
-    """``spec`` restricted to ``techniques`` under another study name and trial budget. A single-technique
-    study turns its technique always on (its parameters are what is searched); seeded pipelines that use only
-    the kept techniques are kept."""
+def derive_spec(spec: Spec, *, study: str, techniques: Sequence[str], trials: int, single: bool,
+                promote: int | None = None) -> Spec:
+    """``spec`` restricted to ``techniques`` under another study name and trial budget (``promote``: the
+    retrainings of a multi-fidelity schedule). A single-technique study turns its technique always on (its
+    parameters are what is searched); seeded pipelines that use only the kept techniques are kept."""
     d = spec.model_dump(mode="json")
     d["study"] = study
     kept = set(techniques)
@@ -44,6 +45,8 @@ def derive_spec(spec: Spec, *, study: str, techniques: Sequence[str], trials: in
     s = d["search"]
     s["trials"] = int(trials)
     s["enqueue"] = [e for e in s.get("enqueue") or [] if {k for k, v in e.items() if v is not None} <= kept]
+    if s.get("fidelity") and promote is not None:
+        s["fidelity"]["promote"] = max(1, min(int(promote), int(trials)))
     if s.get("population_size"):
         s["population_size"] = max(2, min(int(s["population_size"]), int(trials)))
     return load_spec(data=d)
@@ -148,7 +151,8 @@ def front_points(d: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, An
     for row in res.front:
         m = dict(row.get("metrics") or {})
         points.append({**m, "label": f"{name} #{row['number']}: {pipeline_str(row.get('pipeline'))}",
-                       "trial": row["number"], "params": params_summary(row.get("params"))})
+                       "trial": row["number"], "params": params_summary(row.get("params")),
+                       "fidelity": row.get("fidelity")})
     return points, baseline_metrics(res.baseline), res.rows
 
 
@@ -193,6 +197,14 @@ def _overhead(rows: Sequence[Mapping[str, Any]]) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def single_promote(spec: Spec, *, trials_per_technique: int, joint_trials: int) -> int | None:
+    """A single-technique study promotes the joint study's share: same screened-to-promoted ratio, at least one."""
+    f = spec.search.fidelity
+    if f is None:
+        return None
+    return max(1, round(f.promote * trials_per_technique / joint_trials))
+
+
 def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per_technique: int,
               joint_trials: int | None = None, techniques: Sequence[str] | None = None, onnx_front: bool = True,
               data: str | None = None, command: str, log: Callable[[str], None] = print) -> Path:
@@ -224,13 +236,18 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
     fronts: dict[str, list[dict[str, Any]]] = {}
     base: dict[str, Any] = {}
     joint_rows: list[dict[str, Any]] = []
-    plan = [(n, derive_spec(spec, study=f"{spec.study}-{n}", techniques=[n], trials=trials_per_technique, single=True))
+    joint_trials = joint_trials or spec.search.trials
+    promote = single_promote(spec, trials_per_technique=trials_per_technique, joint_trials=joint_trials)
+    plan = [(n, derive_spec(spec, study=f"{spec.study}-{n}", techniques=[n], trials=trials_per_technique, single=True,
+                            promote=promote))
             for n in names]
-    plan.append(("joint", derive_spec(spec, study=f"{spec.study}-joint", techniques=names,
-                                      trials=joint_trials or spec.search.trials, single=False)))
+    plan.append(("joint", derive_spec(spec, study=f"{spec.study}-joint", techniques=names, trials=joint_trials,
+                                      single=False)))
     for name, sub in plan:
         t0 = time.perf_counter()
-        log(f"== {name}: study {sub.study}, {sub.search.trials} trials")
+        f = sub.search.fidelity
+        log(f"== {name}: study {sub.study}, {sub.search.trials} trials"
+            + (f" screened at {f.screen_steps} recovery steps, {f.promote} retrained at {sub.recovery.steps}" if f else ""))
         d = run_search(sub, registry=registry, results_dir=studies, command=command, log=log)
         phases[f"search: {name}"] = time.perf_counter() - t0
         fronts[name], base, rows = front_points(d, name)
@@ -259,8 +276,10 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         "targets": evaluate_targets(fronts.get("joint", []), singles, base, peers, joint_minutes=joint_minutes,
                                     overhead=overhead, latency=latency),
         "engine_overhead_median": overhead, "phases_seconds": phases,
-        "budget": {"trials_per_technique": trials_per_technique, "joint_trials": plan[-1][1].search.trials,
-                   "techniques": names},
+        "budget": {"trials_per_technique": trials_per_technique, "joint_trials": joint_trials,
+                   "techniques": names, "recovery_steps": spec.recovery.steps,
+                   "fidelity": spec.search.fidelity.model_dump() if spec.search.fidelity else None,
+                   "promoted_per_technique": promote},
         "notes": [],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

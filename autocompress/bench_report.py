@@ -208,6 +208,15 @@ def report_md(summary: Mapping[str, Any]) -> str:
         lines += [point_row(str(p.get("label")), p, base, latency=latency) for p in pts]
     lines += ["", "## Wall time per phase", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in summary["phases_seconds"].items()]
+    b = summary.get("budget") or {}
+    if b:
+        f = b.get("fidelity")
+        lines += ["", "## Budget", "",
+                  f"- trials per single technique: {b.get('trials_per_technique')}; joint trials: {b.get('joint_trials')}"
+                  + (f" (screened at {f['screen_steps']} recovery steps; retrained at {b.get('recovery_steps')}: "
+                     f"{f['promote']} in the joint search, {b.get('promoted_per_technique')} per single technique)"
+                     if f else f" (each with {b.get('recovery_steps')} recovery steps)"),
+                  f"- techniques: {', '.join(b.get('techniques') or [])}"]
     if summary.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"

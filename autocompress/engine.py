@@ -361,8 +361,9 @@ def measure_baseline(prep: Prepared) -> dict[str, Any]:
 
 
 def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save_dir: Path,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one pipeline (``{technique: params}`` in order) and return its metrics."""
+              log: Callable[[str], None] | None = None, recovery_steps: int | None = None) -> dict[str, Any]:
+    """Run one pipeline (``{technique: params}`` in order) and return its metrics; ``recovery_steps``
+    overrides ``recovery.steps`` (multi-fidelity screening)."""
     from .measure import flops_per_example
     from .modeling import config_snapshot
     from .pipeline import run_pipeline
@@ -380,9 +381,10 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
 
     def train(m: "nn.Module", hooks: list) -> dict[str, Any]:
         r = spec.recovery
-        if r.steps <= 0:
+        n = r.steps if recovery_steps is None else recovery_steps
+        if n <= 0:
             return {"steps": 0}
-        return fine_tune(m, prep.train, steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate,
+        return fine_tune(m, prep.train, steps=n, batch_size=r.batch_size, learning_rate=r.learning_rate,
                          warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
                          pad_token_id=prep.pad_token_id)
 

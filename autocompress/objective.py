@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from .spec import Spec
 
 
-def evaluate(prep: "Prepared", pipeline: Mapping[str, Mapping[str, Any]], trial_dir: Path) -> dict[str, Any]:
-    """Run ``pipeline`` on a copy of the baseline, save it to ``trial_dir`` and measure it on ``prep.device``.
+def evaluate(prep: "Prepared", pipeline: Mapping[str, Mapping[str, Any]], trial_dir: Path, *,
+             recovery_steps: int | None = None) -> dict[str, Any]:
+    """Run ``pipeline`` on a copy of the baseline, save it to ``trial_dir`` and measure it on ``prep.device``;
+    ``recovery_steps`` overrides ``recovery.steps`` (a screening trial of ``search.fidelity``).
 
     Returns ``{"metrics", "values"}`` or ``{"fail_reason", "traceback"}``, with ``duration_s``, ``device`` (the
     hardware the latency was measured on) and ``worker`` (host:pid). KeyboardInterrupt is not caught."""
@@ -36,7 +38,7 @@ def evaluate(prep: "Prepared", pipeline: Mapping[str, Mapping[str, Any]], trial_
     start = time.perf_counter()
     out: dict[str, Any] = {"worker": worker_label()}
     try:
-        metrics = run_trial(prep, pipeline, save_dir=trial_dir)
+        metrics = run_trial(prep, pipeline, save_dir=trial_dir, recovery_steps=recovery_steps)
         values = [float(metrics[name]) for name, _ in spec.objective_list()]
         bad = [n for (n, _), v in zip(spec.objective_list(), values) if not math.isfinite(v)]
         if bad:

@@ -199,7 +199,7 @@ def next_turn(study: Any, spec: Any, *, log: Callable[[str], None], poll: float 
     """Finished trials so far when this worker may start one more; None once the total is reached. Waits
     while the trials running in other workers would complete the total (one of them may still fail as
     stale, and then its retry is this worker's to run)."""
-    total = spec.search.trials
+    total = spec.search.total_trials
     poll = poll if poll is not None else min(2.0, float(spec.search.heartbeat_interval))
     said = False
     while True:

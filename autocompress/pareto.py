@@ -260,7 +260,7 @@ def front_rows(
 ) -> list[dict[str, Any]]:
     """The non-dominated trials, best first by the first objective (ties: later objectives, then number).
 
-    Only COMPLETE trials with every objective measured compete; with ``feasible_only`` the trials that
+    Only COMPLETE trials with every objective measured (and not ``superseded``) compete; with ``feasible_only`` the trials that
     break a spec constraint are dropped *before* dominance, so an infeasible trial cannot push a
     feasible one off the front.
     """
@@ -268,7 +268,9 @@ def front_rows(
     if not objectives:
         raise ValueError("front_rows needs at least one objective")
     directions = [d for _, d in objectives]
-    pool = [r for r in rows if is_complete(r, objectives) and (not feasible_only or r.get("feasible", True) is not False)]
+    # A screened trial superseded by its full-budget retraining (search.fidelity) is the same model, less trained.
+    pool = [r for r in rows if is_complete(r, objectives) and not r.get("superseded")
+            and (not feasible_only or r.get("feasible", True) is not False)]
     if not pool:
         return []
     values = objective_matrix(pool, objectives)

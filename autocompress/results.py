@@ -38,10 +38,12 @@ def _open(d: Path) -> tuple[Spec, Any, dict[str, Any]]:
 
 
 def _collect(d: Path, study: Any, spec: Spec, command: str) -> StudyResults:
+    from .fidelity import mark_superseded
     from .pareto import front_rows
     from .search import trial_row
 
     rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    mark_superseded(rows)
     baseline = study.user_attrs.get("baseline") or {}
     objectives = spec.objective_list()
     front = front_rows(rows, objectives) if baseline else []

@@ -161,6 +161,8 @@ def trial_row(t: Any) -> dict[str, Any]:
         "duration_s": a.get("duration_s"),
         "device": a.get("device"),
         "model_dir": a.get("model_dir"),
+        "fidelity": a.get("fidelity"),
+        "promoted_from": a.get("promoted_from"),
     }
 
 
@@ -187,9 +189,12 @@ def mark_stale_running(study: Any, *, max_failures: int = 2) -> int:
 
 
 def _requeue(study: Any, trial: Any) -> None:
-    """An enqueued pipeline that was cut off is queued again, so a resumed study still runs it."""
-    if "enqueued" in trial.user_attrs:
-        study.enqueue_trial(dict(trial.params), user_attrs={"enqueued": trial.user_attrs["enqueued"]})
+    """An enqueued pipeline (seeded, or promoted to full fidelity) that was cut off is queued again, so a
+    resumed study still runs it."""
+    keep = {k: trial.user_attrs[k] for k in ("enqueued", "fidelity", "promoted_from", "promoted_enqueued")
+            if k in trial.user_attrs}
+    if "enqueued" in keep or "promoted_from" in keep:
+        study.enqueue_trial(dict(trial.params), user_attrs=keep, skip_if_exists=False)
 
 
 class _Progress:
@@ -220,7 +225,8 @@ class _Progress:
 
 def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, command: str,
                log: Callable[[str], None] = print, worker: Any = None) -> Path:
-    """Run (or resume) the study to ``spec.search.trials`` finished trials; return the study folder.
+    """Run (or resume) the study to ``spec.search.total_trials`` finished trials (``search.trials``, plus the
+    promoted retrainings of ``search.fidelity``); return the study folder.
 
     ``worker`` (a :class:`workers.WorkerRole`) marks a process started by ``--workers N``: the command's own
     process has set the study up and measured the baseline, so the worker only runs trials. Every process
@@ -229,12 +235,16 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     from optuna.trial import TrialState
 
     from .engine import measure_baseline, prepare
+    from .fidelity import SCREEN, promote, recovery_steps
     from .objective import evaluate, record
     from .parallel import Heartbeat, next_turn, redact, skip_reason, worker_label
     from .results import write_results
 
     space = resolve_space(spec, registry)  # validate everything before any work
     d = study_dir(results_dir, spec.study)
+    if (d / "summary.json").is_file() and (d / "studies").is_dir():
+        raise StudyError(f"{str(d)!r} holds an 'autocompress bench' run (summary.json, studies/), not a study; "
+                         f"give this search another name (--set study=NEW) or another --results-dir")
     _check_writable(d)
     # One command per study folder (its workers excepted); released when this function returns or raises.
     lock = hold_study_lock(d, spec) if worker is None else None  # noqa: F841
@@ -293,9 +303,12 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                  "storage": redact(spec.search.storage) if spec.search.storage else "sqlite:///study.db"}
         write_atomic(state_path, json.dumps(state, indent=2))
 
+    total = spec.search.total_trials
+    if worker is None:
+        promote(study, spec, log=log)  # a resumed study whose screening had finished
     done = finished_count(study)
-    if done >= spec.search.trials:
-        log(f"Study {spec.study!r} already has {done} finished trials (requested {spec.search.trials}); nothing to run")
+    if done >= total:
+        log(f"Study {spec.study!r} already has {done} finished trials (requested {total}); nothing to run")
         write_results(d, study=study, spec=spec)
         return d
     if worker is None:
@@ -332,12 +345,14 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
         del prep  # the workers load their own copy
         return run_workers(spec, roles, registry=registry, d=d, study=study, results_dir=results_dir,
                            command=command, log=log)
-    progress = _Progress(spec.search.trials, done, log=log, bar=worker is None)
+    progress = _Progress(total, done, log=log, bar=worker is None)
     beat = Heartbeat(study)  # other workers, and a resumed run, tell a live trial from a dead one by it
     empty_in_a_row = 0
     current = None  # the asked, not yet told, trial
     try:
         while worker is None or worker.parent_alive():
+            if spec.search.fidelity is not None:
+                promote(study, spec, log=log)  # enqueues the promising screened trials once all are screened
             done = next_turn(study, spec, log=log)
             if done is None:
                 break
@@ -347,7 +362,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 trial.set_user_attr("worker", worker_label())
             if pending:
                 raise KeyboardInterrupt
-            skip = skip_reason(study, trial, spec.search.trials)
+            skip = skip_reason(study, trial, total)
             if skip:
                 trial.set_user_attr("skipped", skip)
                 trial.set_user_attr("fail_reason", f"skipped: {skip}")
@@ -370,7 +385,10 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                     raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
                 continue
             empty_in_a_row = 0
-            outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number))
+            steps = recovery_steps(trial, spec)
+            if steps is not None and "fidelity" not in trial.user_attrs:
+                trial.set_user_attr("fidelity", SCREEN)
+            outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number), recovery_steps=steps)
             record(study, trial, outcome, baseline=baseline, spec=spec, d=d)
             current = None
             done += 1
@@ -379,6 +397,8 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 line = f"trial {trial.number} FAILED: {outcome['fail_reason']}"
             else:
                 line = _trial_line(trial.number, pipeline, outcome["metrics"], baseline, spec)
+            if steps is not None:
+                line += f"  [{trial.user_attrs.get('fidelity')}: {outcome.get('metrics', {}).get('recovery_steps', '-')} steps]"
             progress.update(done, line, len(front))
     except KeyboardInterrupt:
         if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
@@ -390,7 +410,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
         progress.close()
         write_results(d, study=study, spec=spec)
-        raise StudyInterrupted(finished_count(study), spec.search.trials, command) from None
+        raise StudyInterrupted(finished_count(study), total, command) from None
     finally:
         beat.stop()
     progress.close()

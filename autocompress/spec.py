@@ -132,6 +132,16 @@ class RaySpec(_Strict):
         return v
 
 
+class FidelitySpec(_Strict):
+    """Multi-fidelity schedule: screen every candidate with a short recovery fine-tune, then retrain the most
+    promising at the full ``recovery.steps`` (Optuna has no pruning for multi-objective studies)."""
+
+    screen_steps: int = Field(..., ge=0, description="recovery steps of a screening trial (0: no recovery training); "
+                              "recovery.steps stays the full budget of a promoted trial")
+    promote: int = Field(..., ge=1, description="screened trials retrained at the full budget once search.trials "
+                         "are screened: the best non-dominated ranks first, then the least crowded")
+
+
 class SearchSpec(_Strict):
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     seed: int = 0
@@ -154,6 +164,13 @@ class SearchSpec(_Strict):
     heartbeat_grace: int = Field(60, ge=2, description="a running trial without a heartbeat for this long is stale: "
                                  "its worker died, and it is retried")
     ray: RaySpec = Field(default_factory=RaySpec)
+    fidelity: FidelitySpec | None = Field(None, description="screen search.trials candidates cheaply, then retrain "
+                                          "fidelity.promote of them at the full recovery budget")
+
+    @property
+    def total_trials(self) -> int:
+        """Finished trials the study runs to: the screened candidates plus the promoted retrainings."""
+        return self.trials + (self.fidelity.promote if self.fidelity else 0)
 
     @model_validator(mode="after")
     def _heartbeat(self) -> "SearchSpec":
@@ -184,6 +201,23 @@ class Spec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     constraints: ConstraintSpec = Field(default_factory=ConstraintSpec)
     seed: int = Field(0, description="seed for data carving and training")
+
+    @model_validator(mode="after")
+    def _fidelity(self) -> "Spec":
+        f = self.search.fidelity
+        if f is None:
+            return self
+        if f.screen_steps >= self.recovery.steps:
+            raise ValueError(f"search.fidelity.screen_steps ({f.screen_steps}) must be below recovery.steps "
+                             f"({self.recovery.steps}), the full budget promoted trials get; lower screen_steps or "
+                             "raise recovery.steps")
+        if f.promote > self.search.trials:
+            raise ValueError(f"search.fidelity.promote ({f.promote}) cannot exceed search.trials ({self.search.trials}), "
+                             "the screened candidates it promotes from; lower promote or raise trials")
+        if self.search.workers > 1 or self.search.backend == "ray":
+            raise ValueError("search.fidelity runs in one process for now (the promotion step waits for every "
+                             "screened trial); set search.workers: 1 and search.backend: optuna, or remove search.fidelity")
+        return self
 
     @field_validator("study")
     @classmethod
