@@ -179,6 +179,52 @@ def time_front_in_onnxruntime(d: Path, points: list[dict[str, Any]], *, registry
         log(f"  ONNX Runtime, {p['label']}: {p['onnxruntime']}")
 
 
+RUNS = "runs.json"
+
+
+def _runs(out: Path) -> dict[str, Any]:
+    """What earlier runs of this bench folder measured: search wall times (a resumed study adds to its time)
+    and every measurement of the peers, so a rerun of the command states the spread instead of hiding it."""
+    for name in (RUNS, "summary.json"):  # a folder written before runs.json existed: its summary seeds it
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if name == RUNS:
+            return data
+        return {"search_seconds": {k: v for k, v in (data.get("phases_seconds") or {}).items() if k.startswith("search: ")},
+                "peers": [data["peers"]] if data.get("peers") else []}
+    return {}
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """min, max, median and (max - min) / median of repeated measurements of one figure."""
+    import statistics
+
+    v = [float(x) for x in values if isinstance(x, (int, float))]
+    if not v:
+        return {"n": 0}
+    med = statistics.median(v)
+    return {"n": len(v), "min": min(v), "max": max(v), "median": med,
+            "spread_pct": (max(v) - min(v)) / med * 100 if med else None}
+
+
+def reproducibility(baselines: Sequence[Mapping[str, Any]], peer_runs: Sequence[Mapping[str, Any]],
+                    keys: Sequence[str]) -> dict[str, Any]:
+    """The spread of figures measured more than once: the fp32 baseline's latency (measured again at the start
+    of every study, and as the PyTorch fp32 peer), each peer across runs of the command, held-out accuracy."""
+    out: dict[str, Any] = {}
+    fp32 = list(baselines) + [r["pytorch_fp32"] for r in peer_runs if "pytorch_fp32" in r]
+    out["fp32 baseline (measured at each run's start, and as the PyTorch fp32 peer)"] = {k: spread([b.get(k) for b in fp32]) for k in keys}
+    for name in dict.fromkeys(n for r in peer_runs for n in r):
+        runs = [r[name] for r in peer_runs if name in r]
+        out[f"peer {name} ({len(runs)} run(s) of the command)"] = {k: spread([p.get(k) for p in runs])
+                                                                     for k in (*keys, "eval_accuracy")}
+    return out
+
+
 def _overhead(rows: Sequence[Mapping[str, Any]]) -> float | None:
     """Median share of trial wall time not spent in model compute (forward, backward, optimiser step)."""
     import statistics
@@ -197,6 +243,12 @@ def _overhead(rows: Sequence[Mapping[str, Any]]) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _save_runs(out: Path, runs: Mapping[str, Any]) -> None:
+    from .report import _write_text
+
+    _write_text(out / RUNS, json.dumps(runs, indent=2, default=str))
+
+
 def single_promote(spec: Spec, *, trials_per_technique: int, joint_trials: int) -> int | None:
     """A single-technique study promotes the joint study's share: same screened-to-promoted ratio, at least one."""
     f = spec.search.fidelity
@@ -209,10 +261,12 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
               joint_trials: int | None = None, techniques: Sequence[str] | None = None, onnx_front: bool = True,
               data: str | None = None, command: str, log: Callable[[str], None] = print) -> Path:
     from .bench_report import draw_png, evaluate_targets, front_hypervolume, plot_data, report_md
-    from .engine import prepare
+    from .engine import measure_baseline, prepare
+    from .modeling import describe_device
     from .search import run_search
 
     out = Path(out_dir)
+    runs = _runs(out)
     names = list(techniques or technique_names(spec))
     unknown = [n for n in names if n not in spec.techniques]
     if unknown:
@@ -226,10 +280,16 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
 
     t0 = time.perf_counter()
     prep = prepare(spec, registry, log=log)
-    phases["baseline (fine-tune, or reuse the cached one)"] = time.perf_counter() - t0
+    # Measured once, with the studies' protocol, and handed to every study (each would measure the same model).
+    measured = {**measure_baseline(prep), "device": describe_device(prep.device)}
+    phases["baseline (fine-tune, or reuse the cached one; measure it)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     peers = measure_peers(prep, work=studies / "_peers", registry=registry, log=log)
     phases["peers (PyTorch and ONNX Runtime, fp32 and dynamic int8)"] = time.perf_counter() - t0
+    runs.setdefault("peers", []).append(peers)
+    runs.setdefault("baselines", []).append({k: v for k, v in measured.items() if k.startswith(("latency_", "eval_"))})
+    runs.setdefault("search_seconds", {})
+    _save_runs(out, runs)
     threads = prep.spec.measurement.threads or os.cpu_count() or 1
     del prep
 
@@ -248,8 +308,12 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         f = sub.search.fidelity
         log(f"== {name}: study {sub.study}, {sub.search.trials} trials"
             + (f" screened at {f.screen_steps} recovery steps, {f.promote} retrained at {sub.recovery.steps}" if f else ""))
-        d = run_search(sub, registry=registry, results_dir=studies, command=command, log=log)
-        phases[f"search: {name}"] = time.perf_counter() - t0
+        d = run_search(sub, registry=registry, results_dir=studies, command=command, log=log, measured_baseline=measured)
+        # A resumed study's time adds to what earlier runs spent on it (a finished one adds about a second).
+        key = f"search: {name}"
+        runs["search_seconds"][key] = runs["search_seconds"].get(key, 0.0) + time.perf_counter() - t0
+        _save_runs(out, runs)
+        phases[key] = runs["search_seconds"][key]
         fronts[name], base, rows = front_points(d, name)
         if name == "joint":
             joint_rows = rows
@@ -276,6 +340,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         "targets": evaluate_targets(fronts.get("joint", []), singles, base, peers, joint_minutes=joint_minutes,
                                     overhead=overhead, latency=latency),
         "engine_overhead_median": overhead, "phases_seconds": phases,
+        "reproducibility": reproducibility(runs["baselines"], runs["peers"], [latency, "latency_bs1"]),
         "budget": {"trials_per_technique": trials_per_technique, "joint_trials": joint_trials,
                    "techniques": names, "recovery_steps": spec.recovery.steps,
                    "fidelity": spec.search.fidelity.model_dump() if spec.search.fidelity else None,

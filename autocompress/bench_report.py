@@ -208,6 +208,15 @@ def report_md(summary: Mapping[str, Any]) -> str:
         lines += [point_row(str(p.get("label")), p, base, latency=latency) for p in pts]
     lines += ["", "## Wall time per phase", "", "| phase | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in summary["phases_seconds"].items()]
+    rep = summary.get("reproducibility") or {}
+    if rep:
+        lines += ["", "## Reproducibility (figures measured more than once)", "",
+                  "| figure | metric | n | min | median | max | spread |", "|---|---|---:|---:|---:|---:|---:|"]
+        for fig, metrics in rep.items():
+            for metric, s in metrics.items():
+                if s.get("n"):
+                    lines.append(f"| {fig} | {metric} | {s['n']} | {_f(s['min'], '.4g')} | {_f(s['median'], '.4g')} "
+                                 f"| {_f(s['max'], '.4g')} | {_f(s.get('spread_pct'), '.1f', '%')} |")
     b = summary.get("budget") or {}
     if b:
         f = b.get("fidelity")

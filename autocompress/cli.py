@@ -87,7 +87,7 @@ def search(
 
 @app.command()
 def bench(
-    spec_file: Path = typer.Argument(..., help="Search spec YAML of the joint search (e.g. search_spaces/sst2-bench.yaml)."),
+    spec_file: Path = typer.Argument(..., help="Search spec YAML of the joint search (e.g. search_spaces/sst2-minilm.yaml)."),
     data: Optional[str] = typer.Option(None, "--data", help="Task data directory or file (sets data.path)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a spec key: KEY=VALUE."),
     trials_per_technique: int = typer.Option(6, "--trials-per-technique", help="Trial budget of each single-technique search."),

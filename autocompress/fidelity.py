@@ -5,8 +5,12 @@ multi-objective studies. With ``search.fidelity`` the engine runs ``search.trial
 with ``fidelity.screen_steps`` recovery steps, then enqueues ``fidelity.promote`` of them again with the full
 ``recovery.steps``. Latency and size do not depend on how long a model was fine-tuned, so the screen already
 measures two of the three objectives exactly; accuracy after a short recovery is a pessimistic but ranked
-estimate. Candidates are promoted as NSGA-II selects survivors: lowest non-domination rank first, then, within
-the last rank that does not fit whole, the largest crowding distance (the spread-out points of the front).
+estimate. Candidates are promoted greedily by hypervolume contribution, against a reference point at the
+baseline (its latency and size; its accuracy less 10 points, as a screen's accuracy is pessimistic): each pick
+adds the most volume to the picks before it. That favours compressed models whose screened accuracy is
+promising, spread along the front; a model no faster and no smaller than the baseline adds no volume, so it is
+not retrained first (crowding distance alone would pick it, as the front's most accurate end). Candidates that
+add no volume follow in NSGA-II's survivor order: lowest non-domination rank, then largest crowding distance.
 
 A promoted trial is an ordinary trial with ``fidelity: full`` and ``promoted_from: N``; its screened original
 is marked superseded and leaves the front. Promotion is idempotent (resume re-enqueues nothing twice).
@@ -14,11 +18,14 @@ is marked superseded and leaves the front. Promotion is idempotent (resume re-en
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .pareto import to_minimization
+from .pareto import hypervolume, to_minimization
+
+#: How far below the baseline a screened accuracy (or any maximised objective, relative) may be and still count.
+SCREEN_MARGIN = 0.10
 
 SCREEN, FULL = "screen", "full"
 
@@ -61,12 +68,51 @@ def crowding_distance(values_min: np.ndarray) -> np.ndarray:
     return out
 
 
-def select_promising(values: np.ndarray, directions: Sequence[str], k: int) -> list[int]:
-    """Indices of the ``k`` rows NSGA-II would keep: by non-domination rank, ties by crowding distance (larger
-    first), then by row order. Rows with a non-finite value come last."""
+def select_promising(values: np.ndarray, directions: Sequence[str], k: int,
+                     reference: Sequence[float] | None = None) -> list[int]:
+    """Indices of the ``k`` rows to promote. With ``reference`` (raw directions), greedily the row adding the most
+    hypervolume to those already picked; then (and without it) NSGA-II's survivor order: by non-domination rank,
+    ties by crowding distance (larger first), then by row order. Rows with a non-finite value come last."""
     values = np.asarray(values, dtype=float)
+    order = _survivor_order(values, directions)
+    if reference is None:
+        return order[:k]
+    vmin = to_minimization(values, directions)
+    ref = to_minimization(np.asarray(reference, dtype=float).reshape(1, -1), directions)[0]
+    picked: list[int] = []
+    volume = 0.0
+    while len(picked) < k:
+        best, gain = None, 0.0
+        for i in order:  # survivor order breaks ties
+            if i in picked or not np.all(np.isfinite(vmin[i])):
+                continue
+            g = hypervolume(vmin[picked + [i]], ref) - volume
+            if g > gain * (1 + 1e-12) and g > 0:
+                best, gain = i, g
+        if best is None:
+            break
+        picked.append(best)
+        volume += gain
+    return (picked + [i for i in order if i not in picked])[:k]
+
+
+def screening_reference(baseline: Mapping[str, Any], objectives: Sequence[tuple[str, str]]) -> list[float] | None:
+    """The baseline's value of each objective, maximised ones less :data:`SCREEN_MARGIN` (points for accuracy,
+    F1 and MCC, which are fractions; relative otherwise); None when the baseline lacks one."""
+    ref = []
+    for name, direction in objectives:
+        b = baseline.get(name)
+        if not isinstance(b, (int, float)) or not np.isfinite(b):
+            return None
+        if direction == "maximize":
+            b = b - (SCREEN_MARGIN if abs(b) <= 1 else SCREEN_MARGIN * abs(b))
+        ref.append(float(b))
+    return ref
+
+
+def _survivor_order(values: np.ndarray, directions: Sequence[str]) -> list[int]:
     n = values.shape[0]
-    if n == 0 or k <= 0:
+    if n == 0:
         return []
     finite = np.all(np.isfinite(values), axis=1)
     idx = np.flatnonzero(finite)
@@ -79,10 +125,8 @@ def select_promising(values: np.ndarray, directions: Sequence[str], k: int) -> l
             crowd = crowding_distance(vmin[members])
             order = sorted(range(members.size), key=lambda m: (-crowd[m], int(idx[members[m]])))
             chosen.extend(int(idx[members[m]]) for m in order)
-            if len(chosen) >= k:
-                break
     chosen.extend(int(i) for i in np.flatnonzero(~finite))
-    return chosen[:k]
+    return chosen
 
 
 def fidelity_of(trial: Any) -> str:
@@ -110,7 +154,8 @@ def promote(study: Any, spec: Any, *, log: Callable[[str], None]) -> int:
     pool = [t for t in screened if t.state == TrialState.COMPLETE and t.number not in already]
     values = np.array([t.values for t in pool], dtype=float).reshape(len(pool), len(spec.objective_list()))
     directions = [d for _, d in spec.objective_list()]
-    picks = [pool[i] for i in select_promising(values, directions, f.promote - len(already))]
+    reference = screening_reference(study.user_attrs.get("baseline") or {}, spec.objective_list())
+    picks = [pool[i] for i in select_promising(values, directions, f.promote - len(already), reference=reference)]
     for t in picks:
         attrs = {"fidelity": FULL, "promoted_from": t.number}
         if "enqueued" in t.user_attrs:

@@ -11,7 +11,7 @@ int8 Linears are traced as float Linears with their dequantised weights, and :fu
 replaces those MatMuls by the computation fbgemm performs, in ONNX int8 ops: 7-bit dynamic activation
 quantisation + ``MatMulInteger`` on the same int8 weights). ONNX Runtime's own ``quantize_dynamic`` was
 tried first and rejected: it re-derives the scales and quantises activations to 8 bits, and on the
-sst2-minilm reference trial 12 only 97.4% of dev predictions matched PyTorch's. Whatever the path, the
+sst2-head-int8 trial 12 only 97.4% of dev predictions matched PyTorch's. Whatever the path, the
 exported graph must agree
 with the PyTorch model on at least :data:`MIN_AGREEMENT` of the evaluation split's argmax predictions,
 or the export fails and no ``model.onnx`` is left behind: a file that silently predicts differently is

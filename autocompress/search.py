@@ -224,14 +224,18 @@ class _Progress:
 
 
 def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, command: str,
-               log: Callable[[str], None] = print, worker: Any = None) -> Path:
+               log: Callable[[str], None] = print, worker: Any = None,
+               measured_baseline: dict[str, Any] | None = None) -> Path:
     """Run (or resume) the study to ``spec.search.total_trials`` finished trials (``search.trials``, plus the
     promoted retrainings of ``search.fidelity``); return the study folder.
 
     ``worker`` (a :class:`workers.WorkerRole`) marks a process started by ``--workers N``: the command's own
     process has set the study up and measured the baseline, so the worker only runs trials. Every process
     shares the loop below: it starts a trial only while finished + running trials stay below the total, keeps
-    the running trial's heartbeat, and fails (then retries) trials whose worker died (:mod:`parallel`)."""
+    the running trial's heartbeat, and fails (then retries) trials whose worker died (:mod:`parallel`).
+
+    ``measured_baseline``: the baseline's metrics measured by the caller with this spec's protocol (the bench
+    measures it once for all of its studies); a study that has none stores it instead of measuring again."""
     from optuna.trial import TrialState
 
     from .engine import measure_baseline, prepare
@@ -332,6 +336,10 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
         if reason:
             raise StudyError(f"technique {name!r} cannot run here: {reason}. Set techniques.{name}.enabled: false")
     baseline = study.user_attrs.get("baseline")
+    if baseline is None and measured_baseline is not None:
+        baseline = dict(measured_baseline)
+        study.set_user_attr("baseline", baseline)
+        study.set_user_attr("notes", prep.notes)
     if baseline is None:
         log("Measuring the baseline")
         baseline = measure_baseline(prep)

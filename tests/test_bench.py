@@ -83,3 +83,18 @@ def test_report_md_marks_missed_targets():
                "targets": [{"target": "x", "goal": ">= 4x", "measured": 1.5, "met": False, "point": None, "note": ""}]}
     md = report_md(summary)
     assert "| x | >= 4x | 1.5 | **no** |" in md and "| search: joint | 1.0 |" in md
+
+
+def test_spread_and_reproducibility_of_repeated_measurements():
+    from autocompress.bench import reproducibility, spread
+
+    s = spread([4.0, 5.0, 4.5])
+    assert s["n"] == 3 and s["median"] == 4.5 and s["spread_pct"] == pytest.approx(100 / 4.5)
+    assert spread([]) == {"n": 0}
+    runs = [{"pytorch_fp32": {"latency_bs32": 4.0, "eval_accuracy": 0.9}, "onnxruntime_int8": {"latency_bs32": 2.0}},
+            {"pytorch_fp32": {"latency_bs32": 4.4, "eval_accuracy": 0.9}}]
+    rep = reproducibility([{"latency_bs32": 4.2}], runs, ["latency_bs32"])
+    fp32 = rep["fp32 baseline (measured at each run's start, and as the PyTorch fp32 peer)"]["latency_bs32"]
+    assert fp32["n"] == 3 and fp32["min"] == 4.0 and fp32["max"] == 4.4
+    assert rep["peer onnxruntime_int8 (1 run(s) of the command)"]["latency_bs32"]["n"] == 1
+    assert rep["peer pytorch_fp32 (2 run(s) of the command)"]["eval_accuracy"]["spread_pct"] == 0

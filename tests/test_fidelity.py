@@ -44,6 +44,26 @@ def test_promotion_takes_whole_ranks_first_then_the_least_crowded():
     assert select_promising(values[:0], DIRS, 3) == []
 
 
+def test_promotion_by_hypervolume_skips_models_that_compress_nothing():
+    base = {"accuracy": 0.95, "latency_bs32": 4.5, "size_mb": 90.0}
+    from autocompress.fidelity import screening_reference
+
+    ref = screening_reference(base, list(zip(["accuracy", "latency_bs32", "size_mb"], DIRS)))
+    assert ref == pytest.approx([0.85, 4.5, 90.0])
+    values = np.array([
+        [0.948, 4.43, 90.9],  # 0: most accurate, but neither faster nor smaller than the baseline: no volume
+        [0.935, 3.10, 76.7],  # 1
+        [0.902, 2.30, 69.6],  # 2: fastest
+        [0.934, 2.85, 76.7],  # 3
+        [0.700, 1.00, 10.0],  # 4: beyond the accuracy reference: no volume either
+    ])
+    picks = select_promising(values, DIRS, 3, reference=ref)
+    assert 0 not in picks and 4 not in picks and len(picks) == 3
+    assert select_promising(values, DIRS, 3)[0] == 0  # crowding alone takes the boundary first
+    assert select_promising(values, DIRS, 5, reference=ref)[3:] == [0, 4]  # then survivor order fills up
+    assert screening_reference({"accuracy": 0.9}, [("accuracy", "maximize"), ("size_mb", "minimize")]) is None
+
+
 def test_a_promoted_trial_supersedes_its_screen_on_the_front():
     obj = [("accuracy", "maximize"), ("size_mb", "minimize")]
     rows = [
@@ -111,8 +131,8 @@ def test_bench_gives_each_single_technique_the_joint_share_of_promotions(tmp_pat
 
     spec = load_spec("search_spaces/sst2-minilm.yaml")
     assert spec.search.fidelity is not None
-    k = single_promote(spec, trials_per_technique=6, joint_trials=28)
-    assert k == 1  # 6 of 28 at the joint search's 6 promoted
-    sub = derive_spec(spec, study="x-head_pruning", techniques=["head_pruning"], trials=6, single=True, promote=k)
-    assert sub.search.total_trials == 7 and sub.search.fidelity.screen_steps == spec.search.fidelity.screen_steps
-    assert single_promote(spec, trials_per_technique=28, joint_trials=28) == spec.search.fidelity.promote
+    k = single_promote(spec, trials_per_technique=5, joint_trials=24)
+    assert k == 1  # 5 of 24 at the joint search's 5 promoted
+    sub = derive_spec(spec, study="x-head_pruning", techniques=["head_pruning"], trials=5, single=True, promote=k)
+    assert sub.search.total_trials == 6 and sub.search.fidelity.screen_steps == spec.search.fidelity.screen_steps
+    assert single_promote(spec, trials_per_technique=24, joint_trials=24) == spec.search.fidelity.promote
