@@ -225,6 +225,24 @@ def reproducibility(baselines: Sequence[Mapping[str, Any]], peer_runs: Sequence[
     return out
 
 
+def profile_point(d: Path, point: Mapping[str, Any], out: Path, *, registry: Registry,
+                  log: Callable[[str], None]) -> str:
+    """Profile one front point of the study in ``d`` against its baseline (where time, bytes and FLOPs go, per
+    component) into ``OUT/profile-<study>-trial<N>.md``: the "why" behind a missed latency target. Returns the
+    file's name."""
+    from .profile_models import run_profile
+    from .profile_render import profile_markdown
+    from .report import _write_text
+
+    study = d.name
+    result = run_profile(f"{study}:{point['trial']}", compare=f"{study}:baseline", results_dir=d.parent,
+                         registry=registry, log=log)
+    name = f"profile-{study}-trial{point['trial']}.md"
+    _write_text(out / name, profile_markdown(result["profile"], reference=result["reference"],
+                                             comparison=result["comparison"]))
+    return name
+
+
 def _overhead(rows: Sequence[Mapping[str, Any]]) -> float | None:
     """Median share of trial wall time not spent in model compute (forward, backward, optimiser step)."""
     import statistics
@@ -324,8 +342,22 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         phases["joint front exported and timed in ONNX Runtime"] = time.perf_counter() - t0
 
     singles = {k: v for k, v in fronts.items() if k != "joint"}
-    latency = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
-    joint_minutes = phases.get("search: joint", 0.0) / 60
+    latency_key = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
+    targets = evaluate_targets(fronts.get("joint", []), singles, base, peers,
+                               joint_minutes=phases.get("search: joint", 0.0) / 60, overhead=_overhead(joint_rows),
+                               latency=latency_key)
+    profiled = None
+    fastest = next((p for p in fronts.get("joint", []) if p["label"] == targets[0]["point"]), None)
+    if fastest is not None:
+        t0 = time.perf_counter()
+        log(f"== profile of {fastest['label']} against the baseline")
+        try:
+            profiled = {"point": fastest["label"],
+                        "file": profile_point(studies / f"{spec.study}-joint", fastest, out, registry=registry, log=log)}
+        except Exception as exc:  # noqa: BLE001 - a profile is evidence for the report, not a reason to lose it
+            log(f"  profile failed: {type(exc).__name__}: {exc}")
+        phases["profile of the fastest joint point within 1 point"] = time.perf_counter() - t0
+    latency = latency_key
     overhead = _overhead(joint_rows)
     baseline_point = {**base, "label": "fp32 baseline (search protocol)"}
     summary: dict[str, Any] = {
@@ -337,8 +369,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         "baseline": baseline_point, "peers": peers, "fronts": fronts,
         "latency_metric": latency,
         "hypervolume": {k: front_hypervolume(v, base, latency=latency) for k, v in fronts.items()},
-        "targets": evaluate_targets(fronts.get("joint", []), singles, base, peers, joint_minutes=joint_minutes,
-                                    overhead=overhead, latency=latency),
+        "targets": targets, "profile": profiled,
         "engine_overhead_median": overhead, "phases_seconds": phases,
         "reproducibility": reproducibility(runs["baselines"], runs["peers"], [latency, "latency_bs1"]),
         "budget": {"trials_per_technique": trials_per_technique, "joint_trials": joint_trials,

@@ -196,6 +196,10 @@ def report_md(summary: Mapping[str, Any]) -> str:
     for t in summary["targets"]:
         lines.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'], '.3g')} | {'yes' if t['met'] else '**no**'} "
                      f"| {t['point'] or ''} | {t['note']} |")
+    prof = summary.get("profile")
+    if prof:
+        lines += ["", f"Where the time of the fastest joint point within 1 point ({prof['point']}) goes, component by "
+                      f"component against the baseline: [{prof['file']}]({prof['file']})."]
     lines += ["", "## Hypervolume (normalised: drop in points, latency ratio, size ratio; reference "
               f"{REFERENCE})", "", "| front | points | hypervolume |", "|---|---:|---:|"]
     for name, hv in summary["hypervolume"].items():

@@ -260,7 +260,7 @@ def front_rows(
 ) -> list[dict[str, Any]]:
     """The non-dominated trials, best first by the first objective (ties: later objectives, then number).
 
-    Only COMPLETE trials with every objective measured (and not ``superseded``) compete; with ``feasible_only`` the trials that
+    Only COMPLETE trials with every objective measured compete (``superseded`` ones dominate but are not shown); with ``feasible_only`` the trials that
     break a spec constraint are dropped *before* dominance, so an infeasible trial cannot push a
     feasible one off the front.
     """
@@ -268,15 +268,16 @@ def front_rows(
     if not objectives:
         raise ValueError("front_rows needs at least one objective")
     directions = [d for _, d in objectives]
-    # A screened trial superseded by its full-budget retraining (search.fidelity) is the same model, less trained.
-    pool = [r for r in rows if is_complete(r, objectives) and not r.get("superseded")
-            and (not feasible_only or r.get("feasible", True) is not False)]
+    pool = [r for r in rows if is_complete(r, objectives) and (not feasible_only or r.get("feasible", True) is not False)]
     if not pool:
         return []
     values = objective_matrix(pool, objectives)
     mask = pareto_mask(values, directions)
     vmin = to_minimization(values, directions)
-    keep = [i for i in range(len(pool)) if mask[i]]
+    # A screened trial superseded by its full-budget retraining (search.fidelity) leaves the front, but it still
+    # dominates: it was measured, and a trial it dominated must stay off (its model may be deleted already,
+    # search.keep_models: front), even when the retrained copy's latency is measured a little slower.
+    keep = [i for i in range(len(pool)) if mask[i] and not pool[i].get("superseded")]
     keep.sort(key=lambda i: (*vmin[i].tolist(), pool[i].get("number", 0)))
     return [dict(pool[i]) for i in keep]
 

@@ -76,6 +76,9 @@ def test_a_promoted_trial_supersedes_its_screen_on_the_front():
     mark_superseded(rows)
     assert [r["number"] for r in front_rows(rows, obj)] == [2, 1]
     assert rows[0]["superseded"] and "superseded" not in rows[1]
+    # A trial only the superseded screen dominated stays off the front: its model may be gone already.
+    rows.append({"number": 3, "state": "COMPLETE", "fidelity": "screen", "metrics": {"accuracy": 0.79, "size_mb": 10.05}})
+    assert [r["number"] for r in front_rows(rows, obj)] == [2, 1]
 
 
 @pytest.mark.parametrize("extra, needle", [
