@@ -116,12 +116,18 @@ def evaluate_targets(joint: Sequence[Point], singles: Mapping[str, Sequence[Poin
 
 def plot_data(fronts: Mapping[str, Sequence[Point]], peers: Mapping[str, Point], *, latency: str) -> dict[str, Any]:
     """Series for the two panels (accuracy vs latency, accuracy vs size): one per front, sorted along x, and
-    the peers as single labelled points."""
+    the peers as single labelled points. A front is three-dimensional, so in each panel only some of its
+    points are non-dominated in that plane: ``frontier`` flags them (the line is drawn through those only)."""
     def series(points: Sequence[Point], x: str) -> dict[str, list[Any]]:
         pts = sorted((p for p in points if _num(p.get(x)) and _num(p.get("eval_accuracy")) is not None),
-                     key=lambda p: float(p[x]))
-        return {"x": [float(p[x]) for p in pts], "y": [float(p["eval_accuracy"]) * 100 for p in pts],
-                "labels": [str(p.get("label", "")) for p in pts]}
+                     key=lambda p: (float(p[x]), -float(p["eval_accuracy"])))
+        ys = [float(p["eval_accuracy"]) * 100 for p in pts]
+        best, frontier = -np.inf, []
+        for y in ys:  # sorted by x: a point is on the plane's frontier when it beats every point left of it
+            frontier.append(bool(y > best))
+            best = max(best, y)
+        return {"x": [float(p[x]) for p in pts], "y": ys, "labels": [str(p.get("label", "")) for p in pts],
+                "frontier": frontier}
 
     panels = []
     for x, title in ((latency, f"{latency.replace('latency_bs', 'latency at batch ')} (ms/example)"),
@@ -143,17 +149,24 @@ def draw_png(data: Mapping[str, Any], path: Any, *, dpi: int = 130) -> Any:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2))
     for ax, panel in zip(np.atleast_1d(axes), panels):
         for i, (name, s) in enumerate(panel["fronts"].items()):
-            style = dict(lw=2.4, ms=7, zorder=5) if name == "joint" else dict(lw=1.2, ms=4, alpha=0.8)
-            ax.plot(s["x"], s["y"], marker="o", label=name, color=f"C{i}", **style)
+            joint = name == "joint"
+            color = "black" if joint else plt.get_cmap("tab10")(i % 10)
+            ax.scatter(s["x"], s["y"], s=46 if joint else 16, color=color, zorder=5 if joint else 3,
+                       alpha=1.0 if joint else 0.8, label=name)
+            keep = [k for k, f in enumerate(s.get("frontier", [True] * len(s["x"]))) if f]
+            ax.plot([s["x"][k] for k in keep], [s["y"][k] for k in keep], color=color, lw=2.2 if joint else 1.0,
+                    alpha=1.0 if joint else 0.7, zorder=4 if joint else 2)
+        peer_colors = ["#444444", "#b8860b", "#8b008b", "#008b8b", "#cd5c5c", "#2e8b57"]
         for j, (name, p) in enumerate(panel["peers"].items()):
-            ax.scatter([p["x"]], [p["y"]], marker="*", s=160, color="black" if j == 0 else f"C{j + 5}",
+            ax.scatter([p["x"]], [p["y"]], marker="*", s=170, color=peer_colors[j % len(peer_colors)],
                        edgecolor="white", zorder=6, label=name)
         ax.set_xscale("log")
         ax.set_xlabel(panel["title"])
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(True, alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(6, max(1, len(labels))), frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * ((len(labels) + 5) // 6), 1, 1))  # room below for the legend
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
