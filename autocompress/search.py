@@ -409,16 +409,25 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                 line += f"  [{trial.user_attrs.get('fidelity')}: {outcome.get('metrics', {}).get('recovery_steps', '-')} steps]"
             progress.update(done, line, len(front))
     except KeyboardInterrupt:
-        if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
-            # Whatever point of the trial the signal hit, it is recorded and does not count.
-            current.set_user_attr("interrupted", True)
-            current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
-            study.tell(current, state=TrialState.FAIL)
-            _requeue(study, study._storage.get_trial(current._trial_id))
-            shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
+        from optuna.exceptions import StorageInternalError
+
         progress.close()
-        write_results(d, study=study, spec=spec)
-        raise StudyInterrupted(finished_count(study), total, command) from None
+        try:
+            if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
+                # Whatever point of the trial the signal hit, it is recorded and does not count.
+                current.set_user_attr("interrupted", True)
+                current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
+                study.tell(current, state=TrialState.FAIL)
+                _requeue(study, study._storage.get_trial(current._trial_id))
+                shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
+            write_results(d, study=study, spec=spec)
+            done = finished_count(study)
+        except StorageInternalError:
+            # A signal in the middle of a storage query can leave SQLite locked for this process ("database is
+            # locked"). Nothing finished is lost: the cut-off trial stays RUNNING, and the next run of the same
+            # command marks it stale and runs it again (mark_stale_running).
+            done = None
+        raise StudyInterrupted(done, total, command) from None
     finally:
         beat.stop()
     progress.close()
@@ -428,10 +437,9 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
 class StudyInterrupted(AutocompressError):
     exit_code = 130
 
-    def __init__(self, done: int, total: int, command: str) -> None:
-        super().__init__(
-            f"Interrupted: {done}/{total} trials finished and saved. Resume with the same command:\n  {command}"
-        )
+    def __init__(self, done: int | None, total: int, command: str) -> None:
+        so_far = f"{done}/{total} trials finished and saved" if done is not None else "every finished trial is saved"
+        super().__init__(f"Interrupted: {so_far}. Resume with the same command:\n  {command}")
 
 
 def _device_desc(device: str) -> str:

@@ -223,11 +223,11 @@ def test_exception_nan_and_out_of_memory_fail_only_their_trial(tmp_path, tiny_mo
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
     real, calls = engine.run_trial, []
 
-    def flaky(prep, pipeline, *, save_dir, log=None):
+    def flaky(prep, pipeline, *, save_dir, log=None, **options):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom in the pipeline")
-        metrics = real(prep, pipeline, save_dir=save_dir, log=log)
+        metrics = real(prep, pipeline, save_dir=save_dir, log=log, **options)
         if len(calls) == 2:
             metrics["accuracy"] = float("nan")
         if len(calls) == 3:
