@@ -342,10 +342,10 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         phases["joint front exported and timed in ONNX Runtime"] = time.perf_counter() - t0
 
     singles = {k: v for k, v in fronts.items() if k != "joint"}
-    latency_key = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
+    latency = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
+    overhead = _overhead(joint_rows)
     targets = evaluate_targets(fronts.get("joint", []), singles, base, peers,
-                               joint_minutes=phases.get("search: joint", 0.0) / 60, overhead=_overhead(joint_rows),
-                               latency=latency_key)
+                               joint_minutes=phases.get("search: joint", 0.0) / 60, overhead=overhead, latency=latency)
     profiled = None
     fastest = next((p for p in fronts.get("joint", []) if p["label"] == targets[0]["point"]), None)
     if fastest is not None:
@@ -357,8 +357,6 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         except Exception as exc:  # noqa: BLE001 - a profile is evidence for the report, not a reason to lose it
             log(f"  profile failed: {type(exc).__name__}: {exc}")
         phases["profile of the fastest joint point within 1 point"] = time.perf_counter() - t0
-    latency = latency_key
-    overhead = _overhead(joint_rows)
     baseline_point = {**base, "label": "fp32 baseline (search protocol)"}
     summary: dict[str, Any] = {
         "title": f"Benchmark {spec.study}: joint search vs single techniques vs deployed peers",

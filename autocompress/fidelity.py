@@ -138,11 +138,13 @@ def promote(study: Any, spec: Any, *, log: Callable[[str], None]) -> int:
     (COMPLETE) ones at full budget, unless already enqueued. Returns how many were enqueued now."""
     from optuna.trial import TrialState
 
+    from .parallel import is_finished
+
     f = spec.search.fidelity
     if f is None:
         return 0
     trials = study.get_trials(deepcopy=False)
-    screened = [t for t in trials if fidelity_of(t) == SCREEN and _finished(t)]
+    screened = [t for t in trials if fidelity_of(t) == SCREEN and is_finished(t)]
     if len(screened) < spec.search.trials:
         return 0
     # Every full-fidelity trial counts, interrupted or not: _requeue puts an interrupted one back in the queue.
@@ -165,12 +167,6 @@ def promote(study: Any, spec: Any, *, log: Callable[[str], None]) -> int:
         log(f"Screening done ({len(screened)} trials at {f.screen_steps} recovery steps); retraining "
             f"{', '.join(f'trial {t.number}' for t in picks)} at {spec.recovery.steps} steps")
     return len(picks)
-
-
-def _finished(t: Any) -> bool:
-    from optuna.trial import TrialState
-
-    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
 
 
 def recovery_steps(trial: Any, spec: Any) -> int | None:

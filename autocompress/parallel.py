@@ -186,11 +186,18 @@ class Heartbeat:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def is_finished(t: Any) -> bool:
+    """A trial that counts towards the total: complete, or failed for a reason of its own (an interrupted one
+    is run again and does not count)."""
+    from optuna.trial import TrialState
+
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
+
+
 def _counts(trials: list[Any]) -> tuple[int, int]:
     from optuna.trial import TrialState
 
-    finished = sum(1 for t in trials if t.state == TrialState.COMPLETE
-                   or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
+    finished = sum(1 for t in trials if is_finished(t))
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return finished, running
 

@@ -167,12 +167,9 @@ def trial_row(t: Any) -> dict[str, Any]:
 
 
 def finished_count(study: Any) -> int:
-    from optuna.trial import TrialState
+    from .parallel import is_finished
 
-    return sum(
-        1 for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
-    )
+    return sum(1 for t in study.get_trials(deepcopy=False) if is_finished(t))
 
 
 def mark_stale_running(study: Any, *, max_failures: int = 2) -> int:
