@@ -13,7 +13,8 @@ not retrained first (crowding distance alone would pick it, as the front's most 
 add no volume follow in NSGA-II's survivor order: lowest non-domination rank, then largest crowding distance.
 
 A promoted trial is an ordinary trial with ``fidelity: full`` and ``promoted_from: N``; its screened original
-is marked superseded and leaves the front. Promotion is idempotent (resume re-enqueues nothing twice).
+is marked superseded and leaves the front. Promotion is idempotent (resume re-enqueues nothing twice). A
+screened pipeline that trained nothing (post-training techniques only) is already final and is not promoted.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def promote(study: Any, spec: Any, *, log: Callable[[str], None]) -> int:
         return 0
     # Constraints do not veto promotion: a screened accuracy is pessimistic, so an accuracy-drop violation may
     # vanish at full budget (latency and size are measured exactly, and are objectives anyway).
-    pool = [t for t in screened if t.state == TrialState.COMPLETE and t.number not in already]
+    pool = [t for t in screened if t.state == TrialState.COMPLETE and t.number not in already and not trained_nothing(t)]
     values = np.array([t.values for t in pool], dtype=float).reshape(len(pool), len(spec.objective_list()))
     directions = [d for _, d in spec.objective_list()]
     reference = screening_reference(study.user_attrs.get("baseline") or {}, spec.objective_list())
@@ -167,6 +168,12 @@ def promote(study: Any, spec: Any, *, log: Callable[[str], None]) -> int:
         log(f"Screening done ({len(screened)} trials at {f.screen_steps} recovery steps); retraining "
             f"{', '.join(f'trial {t.number}' for t in picks)} at {spec.recovery.steps} steps")
     return len(picks)
+
+
+def trained_nothing(trial: Any) -> bool:
+    """A screened pipeline that ran no recovery step (e.g. post-training int8 alone) is already at full
+    fidelity: retraining it would reproduce the same model, so it is never promoted."""
+    return (trial.user_attrs.get("metrics") or {}).get("recovery_steps") == 0
 
 
 def recovery_steps(trial: Any, spec: Any) -> int | None:

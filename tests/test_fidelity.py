@@ -167,3 +167,25 @@ def test_an_interrupted_promoted_trial_is_queued_again_at_full_fidelity():
     study.tell(t, state=TrialState.FAIL)
     _requeue(study, study.get_trials()[-1])
     assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_a_screen_that_trained_nothing_is_final_and_never_promoted():
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocompress.fidelity import promote
+    from autocompress.spec import load_spec
+
+    spec = load_spec("search_spaces/sst2-minilm.yaml")
+    spec.search.trials, spec.search.fidelity.promote = 3, 2
+    study = optuna.create_study(directions=[d for _, d in spec.objective_list()])
+    study.set_user_attr("baseline", {"accuracy": 0.9, "latency_bs32": 5.0, "size_mb": 90.0})
+    # Trial 0 (int8 alone: post-training, 0 recovery steps) is the most promising of the three.
+    for x, (acc, ms, mb), steps in [(0.0, (0.9, 2.5, 23.0), 0), (1.0, (0.88, 4.0, 80.0), 50), (2.0, (0.87, 3.5, 85.0), 50)]:
+        t = study.ask()
+        t.suggest_float("x", 0.0, 2.0)
+        t.set_user_attr("metrics", {"recovery_steps": steps})
+        study.tell(t, [acc, ms, mb])
+    assert promote(study, spec, log=lambda _: None) == 2
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.user_attrs["promoted_from"] for t in waiting) == [1, 2]
