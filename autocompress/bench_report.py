@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .pareto import hypervolume
+from .report import params_summary
 
 REFERENCE = (5.0, 1.0, 1.0)  # (accuracy drop in points, latency ratio, size ratio)
 MAX_DROP = 1.0  # the targets are read at <= 1.0 point of held-out accuracy below the fp32 baseline
@@ -243,6 +244,11 @@ def report_md(summary: Mapping[str, Any]) -> str:
                      f"{f['promote']} in the joint search, {b.get('promoted_per_technique')} per single technique)"
                      if f else f" (each with {b.get('recovery_steps')} recovery steps)"),
                   f"- techniques: {', '.join(b.get('techniques') or [])}"]
+        warm = b.get("warm_starts") or []
+        if warm:
+            lines.append(f"- the joint study was seeded with {len(warm)} compositions of the single fronts' in-target "
+                         "points (they are among its trials, enqueued first; `autocompress bench` builds them):")
+            lines += [f"  - {' + '.join(w)}: `{params_summary(w)}`" for w in warm]
     if summary.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"

@@ -98,3 +98,32 @@ def test_spread_and_reproducibility_of_repeated_measurements():
     assert fp32["n"] == 3 and fp32["min"] == 4.0 and fp32["max"] == 4.4
     assert rep["peer onnxruntime_int8 (1 run(s) of the command)"]["latency_bs32"]["n"] == 1
     assert rep["peer pytorch_fp32 (2 run(s) of the command)"]["eval_accuracy"]["spread_pct"] == 0
+
+
+def test_joint_seeds_compose_the_single_fronts_in_target_points():
+    from autocompress.bench import compose_warm_starts
+
+    base = {"accuracy": 0.95, "latency_bs32": 5.0, "size_mb": 90.0}
+
+    def row(params, acc, ms, mb):
+        return {"params": params, "metrics": {"accuracy": acc, "latency_bs32": ms, "size_mb": mb}}
+
+    fronts = {
+        "quantization": [row({"quantization": {"bits": 8}}, 0.949, 2.7, 23.0)],
+        "head_pruning": [row({"head_pruning": {"fraction": 0.7}}, 0.90, 3.0, 80.0),   # out of target: 5 points
+                         row({"head_pruning": {"fraction": 0.4}}, 0.945, 4.0, 84.0)],
+        "pruning": [row({"pruning": {"sparsity": 0.5}}, 0.944, 3.5, 75.0)],
+        "sharing": [row({"sharing": {"mode": "none"}}, 0.95, 4.9, 90.0)],             # noise, not a gain
+        "tokens": [row({"tokens": {"keep": 0.5}}, 0.946, 4.4, 90.0)],
+    }
+    seeds = compose_warm_starts(fronts, base, latency="latency_bs32",
+                                compatible=lambda names: set(names) != {"quantization", "tokens"})
+    q = {"bits": 8}
+    assert seeds == [
+        {"quantization": q},                                                   # the anchor: the best single
+        {"quantization": q, "pruning": {"sparsity": 0.5}},                     # pairs, best other first
+        {"quantization": q, "head_pruning": {"fraction": 0.4}},                # (tokens: incompatible, left out)
+        {"quantization": q, "pruning": {"sparsity": 0.5}, "head_pruning": {"fraction": 0.4}},
+    ]
+    assert compose_warm_starts({"sharing": fronts["sharing"]}, base, latency="latency_bs32",
+                               compatible=lambda names: True) == []
