@@ -237,7 +237,8 @@ def test_state_dict_round_trip_via_safetensors(tmp_path, tiny_model, tiny_inputs
     {"dtype": "int8", "granularity": "group", "group_size": 16, "embeddings": False, "include_classifier": True},
     {"dtype": "bf16", "embeddings": True},
     {"dtype": "fp16", "embeddings": False},
-], ids=["int8-channel-emb", "int8-group-head", "bf16-emb", "fp16"])
+    {"dtype": "int8", "granularity": "channel", "bits": 4, "embeddings": True, "embedding_bits": 3, "embedding_group": 8},
+], ids=["int8-channel-emb", "int8-group-head", "bf16-emb", "fp16", "int4-emb3"])
 def test_pipeline_save_load_compressed_exact(tmp_path, settings):
     model = testing.tiny_model()
     base = config_snapshot(model)
@@ -250,7 +251,7 @@ def test_pipeline_save_load_compressed_exact(tmp_path, settings):
     assert {type(m) for m in reloaded.modules()} == {type(m) for m in model.modules()}
     plain = _saved(testing.tiny_model(), [], tmp_path / "plain", base)
     limit = 0.6 if settings["dtype"] != "int8" else (0.4 if settings["embeddings"] else 0.5)
-    assert size < limit * plain
+    assert size < (0.3 if settings.get("bits") == 4 else limit) * plain
 
 
 def test_saved_size_shrinks(tmp_path):
@@ -483,7 +484,11 @@ def test_bad_params():
     with pytest.raises(ValueError, match="qat"):
         tech.validate(_params(dtype="bf16", qat=True))
     with pytest.raises(ValueError, match="no parameter"):
-        tech.validate({"bits": 8})
+        tech.validate({"nbits": 8})
+    with pytest.raises(ValueError, match="quantization.bits"):
+        tech.validate(_params(bits=2))
+    with pytest.raises(ValueError, match="quantization.embedding_bits"):
+        tech.validate(_params(embedding_bits=5))
     assert tech.identity_params() is None
 
 
@@ -533,3 +538,53 @@ def test_contract():
     testing.check_effect(tech)
     testing.check_save_reload(tech, REGISTRY)
     assert math.isclose(tech.param("group_size").default, 128)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_low_bit_packing_round_trips_and_is_dense(bits):
+    from plugins.int8_modules import levels, pack_bits, unpack_bits
+
+    lo, hi = levels(bits)
+    q = torch.randint(lo, hi + 1, (37, 11), dtype=torch.int8)
+    packed = pack_bits(q, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (37 * 11 if bits == 8 else -(-37 * 11 // 8) * bits)
+    assert torch.equal(unpack_bits(packed, bits, (37, 11)), q)
+    if bits < 8:
+        with pytest.raises(ValueError, match=f"{bits}-bit range"):
+            pack_bits(torch.full((3,), hi + 1, dtype=torch.int8), bits)
+
+
+def test_low_bit_weights_save_size_not_time_and_stay_close(tmp_path, tiny_inputs):
+    # 4-bit Linears + 3-bit embeddings (a scale per 16 columns) against int8: the file shrinks by what the
+    # packing saves, the model runs the same int8 modules, and the logits stay close to float.
+    sizes, outs = {}, {}
+    ref = _logits(_spread(_vocab_model()), tiny_inputs)
+    for name, extra in (("int8", {}), ("low", {"bits": 4, "embedding_bits": 3, "embedding_group": 16})):
+        model = _spread(_vocab_model())
+        params = _params(**extra)
+        record = Quantization().finalize(model, params=params, ctx=TechniqueContext())
+        recipe = [{"technique": "quantization", "phase": "finalize", "params": params, "record": record}]
+        sizes[name] = _saved(model, recipe, tmp_path / name, config_snapshot(_vocab_model()))
+        outs[name] = _logits(model, tiny_inputs)
+        reloaded = load_compressed(tmp_path / name, registry=REGISTRY)
+        assert torch.equal(_logits(reloaded, tiny_inputs), outs[name])
+        kinds = {type(m) for m in model.modules()}
+        assert Int8DynamicLinear in kinds and Int8Embedding in kinds
+    emb_rows, dim = 3000 + 64, 64
+    linear_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8DynamicLinear))
+    # embeddings: 5 of 8 bits saved per weight, minus 3 extra float32 scales per row; Linears: 4 of 8 bits
+    expected = emb_rows * dim * 5 // 8 - emb_rows * 3 * 4 + linear_weights // 2
+    assert abs((sizes["int8"] - sizes["low"]) - expected) < 4096, (sizes, expected)
+    assert 0 < _relative(outs["low"], ref) < 0.5  # random weights: harsher than a trained model
+
+
+def test_qat_at_low_bits_rounds_as_the_saved_model(tiny_inputs):
+    model = _spread(make_tiny_classifier(hidden=64, heads=4, intermediate=128))
+    tech, params = Quantization(), _params(qat=True, bits=4, embedding_bits=4, embedding_group=16)
+    tech.training_hooks(model, params=params, ctx=TechniqueContext())
+    during = _logits(model, tiny_inputs)
+    at8 = copy.deepcopy(model)
+    tech.finalize(model, params=params, ctx=TechniqueContext())
+    tech.finalize(at8, params=_params(), ctx=TechniqueContext())
+    low, eight = _logits(model, tiny_inputs), _logits(at8, tiny_inputs)
+    assert _relative(during, low) < 0.2 * _relative(eight, low)
