@@ -305,10 +305,9 @@ def _save_runs(out: Path, runs: Mapping[str, Any]) -> None:
 
 
 def _compatible(registry: Registry, names: Sequence[str]) -> bool:
-    from .space import incompatibility
+    from .space import first_incompatible
 
-    techs = [registry.get(n) for n in names]
-    return not any(incompatibility(a, b) for i, a in enumerate(techs) for b in techs[i + 1:])
+    return first_incompatible([registry.get(n) for n in names]) is None
 
 
 def single_promote(spec: Spec, *, trials_per_technique: int, joint_trials: int) -> int | None:

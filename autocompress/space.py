@@ -14,7 +14,7 @@ technique's declared domain, so a spec cannot ask for what a technique does not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 from .errors import SpecError, close_matches
 from .registry import Registry
@@ -173,12 +173,9 @@ def enqueued_params(space: SearchSpace, pipeline: Mapping[str, Mapping[str, Any]
         if ts.enabled is True and ts.technique.name not in pipeline:
             raise SpecError(f"{where}: techniques.{ts.technique.name} is enabled: true, so every pipeline must "
                             f"include it; add it or set it to enabled: search")
-    names = list(pipeline)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            reason = incompatibility(spaces[a].technique, spaces[b].technique)
-            if reason:
-                raise SpecError(f"{where}: {a} and {b} are incompatible: {reason}")
+    clash = first_incompatible([spaces[n].technique for n in pipeline])
+    if clash:
+        raise SpecError(f"{where}: {clash[0]} and {clash[1]} are incompatible: {clash[2]}")
     fixed: dict[str, Any] = {}
     for ts in space.active():
         tech = ts.technique
@@ -221,6 +218,16 @@ def incompatibility(a: Technique, b: Technique) -> str | None:
     if a.name == b.name:
         return None
     return a.incompatible_with.get(b.name) or b.incompatible_with.get(a.name)
+
+
+def first_incompatible(techniques: Sequence[Technique]) -> tuple[str, str, str] | None:
+    """``(a, b, reason)`` for the first incompatible pair among ``techniques``, or None if all compose."""
+    for i, a in enumerate(techniques):
+        for b in techniques[i + 1:]:
+            reason = incompatibility(a, b)
+            if reason:
+                return a.name, b.name, reason
+    return None
 
 
 def sample(space: SearchSpace, suggest: "Suggester") -> dict[str, dict[str, Any]]:

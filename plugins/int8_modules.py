@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,17 +107,22 @@ def embedding_scales(rows: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (amax / levels(bits)[1]).clamp_min(_EPS)
 
 
-def _expand(scales: torch.Tensor, d: int) -> torch.Tensor:
-    return scales.repeat_interleave(d // scales.shape[-1], dim=-1)
+def grouped(rows: torch.Tensor, scales: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``op(rows, scale)`` with each scale of ``scales`` ``[..., n]`` broadcast over its ``D / n`` columns of
+    ``rows`` ``[..., D]`` (a view, no expanded copy of the scales: this is on every forward)."""
+    *lead, d = rows.shape
+    n = scales.shape[-1]
+    return op(rows.reshape(*lead, n, d // n), scales[..., None]).reshape(*lead, d)
 
 
 def fake_quantize_rows(rows: torch.Tensor, bits: int = 8, group: int = 0) -> torch.Tensor:
     """Embedding rows rounded as :class:`Int8Embedding` stores them (``bits`` wide, a scale per ``group``
     columns of a row, 0: per row)."""
     rd = rows.detach().float()
-    s = _expand(embedding_scales(rd, bits, group), rd.shape[-1])
+    s = embedding_scales(rd, bits, group)
     hi = levels(bits)[1]
-    return rows + (((rd / s).round().clamp(-hi, hi) * s).to(rows.dtype) - rows).detach()
+    q = grouped(grouped(rd, s, torch.div).round().clamp(-hi, hi), s, torch.mul)
+    return rows + (q.to(rows.dtype) - rows).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,20 +272,20 @@ class Int8Embedding(nn.Module):
         mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, bits=bits, group=group).to(w.device)
         scale = embedding_scales(w, mod.bits, mod.group)
         hi = levels(mod.bits)[1]
-        mod.weight_int8.copy_(torch.round(w / _expand(scale, mod.embedding_dim)).clamp_(-hi, hi).to(torch.int8))
+        mod.weight_int8.copy_(grouped(w, scale, torch.div).round_().clamp_(-hi, hi).to(torch.int8))
         mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
         mod.out_dtype = emb.weight.dtype
         return mod
 
-    def _row_scales(self, scales: torch.Tensor) -> torch.Tensor:
-        return _expand(scales if self.group else scales[:, None], self.embedding_dim)
+    def _dequantize(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return grouped(q.float(), scales if self.group else scales[:, None], torch.mul)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_int8.float() * self._row_scales(self.weight_scale)
+        return self._dequantize(self.weight_int8, self.weight_scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
-        rows = self.weight_int8.index_select(0, flat).float() * self._row_scales(self.weight_scale.index_select(0, flat))
+        rows = self._dequantize(self.weight_int8.index_select(0, flat), self.weight_scale.index_select(0, flat))
         return rows.reshape(*input_ids.shape, self.embedding_dim).to(self.out_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
