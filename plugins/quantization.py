@@ -19,8 +19,8 @@ they are expanded to per-row scales for fbgemm's per-channel kernel, so ``group`
 to 4 (3) bits with the same symmetric scales and saved packed, two (8/3) per byte; in memory they are the int8
 values of the same grid, so Linears run the same int8 kernels: **size, not time**. Embedding tables may take a
 scale per ``embedding_group`` columns (e.g. 128), which keeps 3-4 bit tables accurate for a few hundred KB of
-scales (all-MiniLM-L6-v2: 23.0 MB at 8/8 bits, about 10.5 MB with 4-bit Linears and 3-bit embeddings; the
-accuracy each setting keeps on SST-2 is in the quantization front of ``results/sst2-minilm/report.md``).
+scales (the size and accuracy of each setting on SST-2 are in the quantization and joint fronts of
+``results/sst2-minilm/report.md``).
 
 ``embeddings`` (weight-only int8, any device): exact ``nn.Embedding`` tables of the base model with at
 least 16 rows (word, position; BERT's 2-row token-type table would save 2 KB and perturb every token)
