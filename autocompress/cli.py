@@ -112,6 +112,38 @@ def bench(
               onnx_front=onnx_front, data=data, command=command, log=_log)
 
 
+@app.command("bench-compare")
+def bench_compare(
+    run_a: Path = typer.Argument(..., help="Benchmark folder (or its summary.json) of run A, e.g. results/sst2-minilm."),
+    run_b: Path = typer.Argument(..., help="Benchmark folder (or its summary.json) of run B: the same command rerun with another --out."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the Markdown here (default: print it)."),
+) -> None:
+    """Does the benchmark reproduce? Every target, hypervolume, peer and shared front point of two runs of
+    `autocompress bench`, side by side, with the noise read from the runs' repeated baseline timings."""
+    from .bench_compare import compare_summaries, comparison_markdown
+    from .errors import StudyError
+    from .report import _write_text
+
+    summaries = []
+    for name, p in (("RUN_A", run_a), ("RUN_B", run_b)):
+        f = p / "summary.json" if p.is_dir() else p
+        try:
+            summaries.append(json.loads(f.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise StudyError(f"{name}: no benchmark summary at {f}. Pass a folder written by `autocompress bench` "
+                             "(it holds summary.json) or the summary.json itself.") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise StudyError(f"{name}: cannot read {f} as a benchmark summary ({e}). Rerun `autocompress bench` "
+                             "to rewrite it.") from None
+    command = "autocompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = comparison_markdown(compare_summaries(*summaries), label_a=str(run_a), label_b=str(run_b), command=command)
+    if out_file is None:
+        typer.echo(text, nl=False)
+    else:
+        _write_text(out_file, text)
+        _log(f"Wrote {out_file}")
+
+
 def _fail_if_infeasible(d: Path) -> None:
     """Finished, but no trial meets the constraints: say so, and exit non-zero (NoFeasibleTrial)."""
     from .errors import NoFeasibleTrial

@@ -75,6 +75,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_
     # the studies are ordinary studies: one technique each for the singles, always on
     single = json.loads((out / "studies/tb-quantization/trials.json").read_text())["trials"]
     assert all(r["pipeline"] == ["quantization"] for r in single if r["state"] == "COMPLETE")
+    # a run compared with itself by bench-compare: every front point matched, nothing moved
+    same = CliRunner().invoke(app, ["bench-compare", str(out), str(out), "--out", str(tmp_path / "same.md")])
+    assert same.exit_code == 0, same.output
+    n = sum(len(f) for f in summary["fronts"].values())
+    assert f"{n} matched; 0 on a front of A only, 0 of B only" in (tmp_path / "same.md").read_text()
 
 
 def test_report_md_marks_missed_targets():
