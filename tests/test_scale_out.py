@@ -20,7 +20,7 @@ import pytest
 from conftest import write_tiny_spec
 
 SLOW_PLUGIN = """
-import time
+import os, pathlib, time
 from autocompress import hookimpl
 from autocompress.technique import Stage, Technique
 
@@ -28,7 +28,13 @@ class Slow(Technique):
     name = "slow_noop"
     stage = Stage.TRAINING
     def training_hooks(self, model, *, params, ctx):
+        # A file per worker while it sleeps: a test that signals mid-trial waits for one, so the signal
+        # lands inside this window and not while a trial is already finishing (slow on a loaded machine).
+        mark = pathlib.Path(MARKS) / str(os.getpid())
+        mark.parent.mkdir(exist_ok=True)
+        mark.write_text("")
         time.sleep(SECONDS)   # a window to interrupt or kill a worker mid-trial
+        mark.unlink()
         return None
 
 @hookimpl
@@ -91,10 +97,15 @@ def env(tmp_path):
     return {"AUTOCOMPRESS_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
 
 
+def sleeping(tmp_path: Path) -> Path:
+    """Where the slow plugin marks each worker that is inside its sleep."""
+    return tmp_path / "sleeping"
+
+
 def slow_setup(tmp_path: Path, model_dir: Path, data_dir: Path, *, trials_: int, seconds: float,
                search_extra: str = "") -> tuple[Path, Path]:
     plugin = tmp_path / "slow.py"
-    plugin.write_text(SLOW_PLUGIN.replace("SECONDS", str(seconds)))
+    plugin.write_text(SLOW_PLUGIN.replace("SECONDS", str(seconds)).replace("MARKS", repr(str(sleeping(tmp_path)))))
     techniques = "  slow_noop: {enabled: true}\n  quantization: {enabled: search}\n"
     spec = write_tiny_spec(tmp_path, model_dir, data_dir, trials=trials_, techniques=techniques)
     text = spec.read_text()
@@ -136,8 +147,8 @@ def test_sigint_with_workers_then_same_command_finishes(tmp_path, tiny_model_dir
     proc = spawn(*args, cwd=tmp_path, env=env)
     db = tmp_path / "results" / "tiny" / "study.db"
 
-    def one_done_one_running():  # running: its pipeline is sampled, so it is in its 5 s of "training"
-        return any(r["state"] == "COMPLETE" for r in trials(db)) and _running_worker_trial(db)
+    def one_done_one_running():  # running: a worker is inside its 5 s of "training"
+        return any(r["state"] == "COMPLETE" for r in trials(db)) and _sleeping_trial(db, tmp_path)
 
     wait_for(one_done_one_running, proc, "a trial finished and another is running")
     proc.send_signal(signal.SIGINT)
@@ -156,9 +167,13 @@ def test_sigint_with_workers_then_same_command_finishes(tmp_path, tiny_model_dir
     assert not {"RUNNING", "WAITING"} & {r["state"] for r in after}
 
 
-def _running_worker_trial(db: Path):
+def _sleeping_trial(db: Path, tmp_path: Path):
+    """A running trial whose worker is inside the slow plugin's sleep (marked by its pid), or None."""
+    marks = sleeping(tmp_path)
+    pids = {m.name for m in marks.iterdir()} if marks.is_dir() else set()
     for r in trials(db):
-        if r["state"] == "RUNNING" and r["user"].get("pipeline") and r["user"].get("worker"):
+        worker = str(r["user"].get("worker", ""))
+        if r["state"] == "RUNNING" and r["user"].get("pipeline") and worker.rsplit(":", 1)[-1] in pids:
             return r
     return None
 
@@ -168,7 +183,7 @@ def test_kill_9_of_a_worker_mid_trial_is_detected_and_retried(tmp_path, tiny_mod
                               search_extra=", heartbeat_interval: 1, heartbeat_grace: 4")
     proc = spawn("search", str(spec), "--plugin", str(plugin), "--workers", "2", cwd=tmp_path, env=env)
     db = tmp_path / "results" / "tiny" / "study.db"
-    victim = wait_for(lambda: _running_worker_trial(db), proc, "a worker runs a trial")
+    victim = wait_for(lambda: _sleeping_trial(db, tmp_path), proc, "a worker runs a trial")
     os.kill(int(victim["user"]["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr                      # the other worker finished the study
@@ -196,7 +211,7 @@ def test_kill_9_then_same_command_retries_stale_trial(tmp_path, tiny_model_dir, 
 
     def second_running():
         rows = trials(db)
-        return any(r["state"] == "COMPLETE" for r in rows) and _running_worker_trial(db)
+        return any(r["state"] == "COMPLETE" for r in rows) and _sleeping_trial(db, tmp_path)
 
     victim = wait_for(second_running, proc, "one trial finished and another runs")
     proc.send_signal(signal.SIGKILL)
