@@ -11,19 +11,16 @@ no more than the same unchanged model moved between measurements.
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any, Iterable, Mapping, Sequence
+
+from .bench_report import _num
 
 LATENCIES = ("latency_bs32", "latency_bs1")
 FIGURES = ("eval_accuracy", *LATENCIES, "size_mb")
 _BASELINE_SPREAD = "fp32 baseline"  # prefix of the baseline's entry in a summary's ``reproducibility``
 
 Summary = Mapping[str, Any]
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) else None
 
 
 def change(a: Any, b: Any) -> dict[str, Any]:
@@ -171,7 +168,7 @@ def comparison_markdown(cmp: Mapping[str, Any], *, label_a: str, label_b: str, c
               f"{_f(pts['latency_bs32_median_abs_pct'], '{:.1f}')}% / {_f(pts['latency_bs32_max_abs_pct'], '{:.1f}')}%, "
               f"bs1 {_f(pts['latency_bs1_median_abs_pct'], '{:.1f}')}% / {_f(pts['latency_bs1_max_abs_pct'], '{:.1f}')}%.",
               "", *head]
-    for name, f in cmp["fronts"].items():
+    for f in cmp["fronts"].values():
         for m in f["matched"]:
             lines += _figure_rows(str(m["label"]), m)
     lines += ["", "Front points found by one run only (a front moves when a latency measured within noise "

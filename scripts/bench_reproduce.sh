@@ -6,8 +6,6 @@
 # About 90 minutes on a 2-core CPU. Run it on an otherwise idle machine: latency is timed on this CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-. .venv/bin/activate
 RERUN="${RERUN:-results/sst2-minilm-rerun}"
-autocompress bench search_spaces/sst2-minilm.yaml --data "${SST2_DIR:-../shared/data/sst2}" --trials-per-technique 5 --out "$RERUN"
-autocompress bench-compare results/sst2-minilm "$RERUN" --out results/sst2-minilm/reproduction.md
+bash scripts/bench.sh --out "$RERUN"   # the same command as the committed run, into another folder
+.venv/bin/autocompress bench-compare results/sst2-minilm "$RERUN" --out results/sst2-minilm/reproduction.md
