@@ -412,8 +412,10 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
     baseline_point = {**base, "label": "fp32 baseline (search protocol)"}
     summary: dict[str, Any] = {
         "title": f"Benchmark {spec.study}: joint search vs single techniques vs deployed peers",
-        "intro": ("Held-out accuracy is the study's eval split (searches select on a validation split carved from "
-                  "train). Latency: median ms per example over timed passes, PyTorch eager unless marked ORT. "
+        "intro": (f"Held-out accuracy is the study's eval split (searches select on a validation split carved from "
+                  f"train: {spec.data.validation_size:g} "
+                  f"{'whole sentences, their own phrases out of train' if spec.data.validation_carve == 'sentences' else 'random examples'}"
+                  "). Latency: median ms per example over timed passes, PyTorch eager unless marked ORT. "
                   "Ratios are baseline / point."),
         "command": command, "machine": machine_description(threads),
         "baseline": baseline_point, "peers": peers, "fronts": fronts,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from .carve import carve, carve_size, carve_sentences
 from .errors import DataError, close_matches
 
 if TYPE_CHECKING:
@@ -111,8 +112,8 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
                         f"label column {label_col!r}; a classifier needs two or more. Check data.label_column.")
 
     if eval_tab is None:  # one file: no held-out split, so carve one (seeded) before carving validation
-        n_eval = min(_carve_size(data.validation_size, len(full)), max(1, len(full) // 5))
-        keep, carved = _carve(np.asarray(full.labels), n_eval, _rng(seed, 1), what="evaluation", where=train_tab.where)
+        n_eval = min(carve_size(data.validation_size, len(full)), max(1, len(full) // 5))
+        keep, carved = carve(np.asarray(full.labels), n_eval, _rng(seed, 1), what="evaluation", where=train_tab.where)
         evaluation, full = full.take(carved), full.take(keep)
         notes.append(f"data.path is a single file with no held-out split: {len(evaluation)} examples were carved "
                      f"(seed {seed}) as the evaluation split; point data.path at a directory with "
@@ -124,8 +125,17 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
                          f"({label_names[evaluation.labels[0]]!r}): its accuracy is reported, but F1 and MCC are "
                          "degenerate there. Use a held-out split with every class for meaningful figures.")
 
-    n_val = _carve_size(data.validation_size, len(full))
-    keep, carved = _carve(np.asarray(full.labels), n_val, _rng(seed, 2), what="validation", where=train_tab.where)
+    n_val = carve_size(data.validation_size, len(full))
+    if data.validation_carve == "sentences":
+        if len(text_cols) != 1:
+            raise DataError(f"data.validation_carve='sentences' needs single-text examples (phrases of sentences, as "
+                            f"in SST); {train_tab.where} has text pairs {text_cols}. Set data.validation_carve: random.")
+        keep, carved, dropped = carve_sentences([t[0] for t in full.texts], np.asarray(full.labels), n_val,
+                                                _rng(seed, 2), where=train_tab.where)
+        notes.append(f"validation: {len(carved)} whole sentences carved from {train_tab.where} "
+                     f"(data.validation_carve=sentences); {dropped} phrases found only inside them left train")
+    else:
+        keep, carved = carve(np.asarray(full.labels), n_val, _rng(seed, 2), what="validation", where=train_tab.where)
     train, validation = full.take(keep), full.take(carved)
     if len(carved) < n_val:
         notes.append(f"data.validation_size={data.validation_size:g} asks for more than the train split can spare "
@@ -139,7 +149,7 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
         evaluation = evaluation.subset(data.max_eval_examples, seed=seed + 4)
 
     settings = [1, seed, text_cols, label_col, label_names, data.validation_size, data.max_train_examples,
-                data.max_eval_examples]
+                data.max_eval_examples] + ([data.validation_carve] if data.validation_carve != "random" else [])
     content = [settings] + [[s.texts, s.labels] for s in (train, validation, evaluation)]
     fingerprint = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
     return TaskData(train=train, validation=validation, evaluation=evaluation, label_names=label_names,
@@ -383,31 +393,6 @@ def _label_mapping(train: list[Any], evaluation: list[Any], data: DataSpec, tab:
 
 
 # ---------------------------------------------------------------------------------------------- carving
-
-
-def _carve_size(size: float, total: int) -> int:
-    return max(1, round(size * total) if size < 1 else int(size))
-
-
-def _carve(labels: np.ndarray, n: int, rng: np.random.Generator, *, what: str,
-           where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified seeded carve of ``n`` rows (capped so every class keeps one row); returns (kept, carved)."""
-    classes, inverse = np.unique(labels, return_inverse=True)
-    counts = np.bincount(inverse)
-    cap = counts - 1
-    n = min(n, int(cap.sum()))
-    if n < 1:
-        raise DataError(f"{where} is too small to carve a {what} split: {len(labels)} examples in {len(classes)} "
-                        "classes, and every class must keep an example for training. Add data, or point data.path "
-                        "at a directory with separate train and dev files.")
-    share = n * counts / counts.sum()
-    quota = np.minimum(np.floor(share).astype(np.int64), cap)
-    while quota.sum() < n:  # hand the remainder to the classes furthest below their share that still have room
-        gap = np.where(quota < cap, share - quota, -np.inf)
-        quota[int(np.argmax(gap))] += 1
-    carved = [rng.permutation(np.flatnonzero(inverse == c))[:q] for c, q in enumerate(quota)]
-    carved_idx = np.sort(np.concatenate(carved))
-    return np.setdiff1d(np.arange(len(labels)), carved_idx), carved_idx
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation

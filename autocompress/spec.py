@@ -50,6 +50,9 @@ class DataSpec(_Strict):
     label_column: str | None = Field(None, description="label column; detected ('label') if unset")
     labels: list[Union[int, str]] | None = Field(None, description="the label set, in class-index order; inferred if unset")
     validation_size: float = Field(2000, gt=0, description="examples carved (seeded) from train to select on; a fraction if < 1")
+    validation_carve: Literal["random", "sentences"] = Field(
+        "random", description="'random' rows, or 'sentences': whole sentences of a phrase-level train split (SST), "
+        "with the phrases found only inside them taken out of train, so validation looks like a held-out split")
     max_train_examples: int | None = Field(None, ge=1, description="cap on training examples after carving validation")
     max_eval_examples: int | None = Field(None, ge=1, description="cap on held-out evaluation examples")
 
