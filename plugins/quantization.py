@@ -357,7 +357,7 @@ class Quantization(Technique):
         ebits, egroup = int(p["embedding_bits"]), int(p["embedding_group"])
         quantize_embeddings(model, embeddings, bits=ebits, group=egroup)
         record: dict[str, Any] = {"dtype": dtype, "embeddings": embeddings, "qat": bool(p["qat"])}
-        if embeddings and ebits != 8:
+        if embeddings:  # restore needs both to rebuild the tables' scale shapes (8-bit tables can be grouped too)
             record.update(embedding_bits=ebits, embedding_group=egroup)
         if dtype != "int8":
             model.to(FLOAT_DTYPES[dtype])
@@ -402,7 +402,8 @@ class Quantization(Technique):
                 raise TypeError(f"quantization record names embedding {name}, which is a {type(emb).__name__}")
             replace_everywhere(model, emb, Int8Embedding(
                 emb.num_embeddings, emb.embedding_dim, emb.padding_idx, bits=int(record.get("embedding_bits", 8)),
-                group=_group(emb, int(record.get("embedding_group", 0)))))
+                # records written before 8-bit tables recorded their group: the params that built them carry it
+                group=_group(emb, int(record.get("embedding_group", params.get("embedding_group", 0))))))
         dtype = record.get("dtype", "int8")
         if dtype in FLOAT_DTYPES:
             model.to(FLOAT_DTYPES[dtype])

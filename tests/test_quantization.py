@@ -238,7 +238,8 @@ def test_state_dict_round_trip_via_safetensors(tmp_path, tiny_model, tiny_inputs
     {"dtype": "bf16", "embeddings": True},
     {"dtype": "fp16", "embeddings": False},
     {"dtype": "int8", "granularity": "channel", "bits": 4, "embeddings": True, "embedding_bits": 3, "embedding_group": 8},
-], ids=["int8-channel-emb", "int8-group-head", "bf16-emb", "fp16", "int4-emb3"])
+    {"dtype": "int8", "granularity": "channel", "embeddings": True, "embedding_group": 8},  # 8-bit, grouped scales
+], ids=["int8-channel-emb", "int8-group-head", "bf16-emb", "fp16", "int4-emb3", "int8-emb-group"])
 def test_pipeline_save_load_compressed_exact(tmp_path, settings):
     model = testing.tiny_model()
     base = config_snapshot(model)
@@ -588,3 +589,17 @@ def test_qat_at_low_bits_rounds_as_the_saved_model(tiny_inputs):
     tech.finalize(at8, params=_params(), ctx=TechniqueContext())
     low, eight = _logits(model, tiny_inputs), _logits(at8, tiny_inputs)
     assert _relative(during, low) < 0.2 * _relative(eight, low)
+
+
+def test_record_without_embedding_group_reloads_from_params(tmp_path):
+    """Records written before the fix left out embedding_group for 8-bit tables; the recipe's params carry it."""
+    model = testing.tiny_model()
+    base = config_snapshot(model)
+    batch = testing.tiny_batch(ENC)
+    recipe = testing.compress(model, [(Quantization(), _params(embeddings=True, embedding_group=8))], ENC,
+                              train_steps=0)
+    recipe[0]["record"].pop("embedding_group")
+    recipe[0]["record"].pop("embedding_bits", None)
+    _saved(model, recipe, tmp_path / "m", base)
+    reloaded = load_compressed(tmp_path / "m", registry=REGISTRY)
+    assert torch.equal(testing.logits(reloaded, batch), testing.logits(model, batch))
