@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .errors import StudyError
 
@@ -246,6 +246,31 @@ def skip_reason(study: Any, trial: Any, total: int) -> str | None:
     ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < me)
     if finished + ahead >= total:
         return f"surplus: other workers' trials already make up the requested {total}"
+    return None
+
+
+#: Proposals in a row that repeat a tried pipeline before one is run anyway (the space may be exhausted).
+MAX_REPEATS_IN_A_ROW = 50
+
+
+def repeat_of(study: Any, trial: Any, pipeline: Mapping[str, Any]) -> int | None:
+    """The number of an earlier trial at the same fidelity that ran (or runs) exactly ``pipeline``, or None.
+    Only sampled trials are checked: a seeded or promoted trial repeats a pipeline on purpose. A repeat would
+    cost a full trial to learn nothing new (training is deterministic), and on small categorical spaces
+    (quantization: 6 settings) samplers propose them often, so they are skipped and not counted."""
+    attrs = trial.user_attrs
+    if "enqueued" in attrs or "promoted_from" in attrs:
+        return None
+    from optuna.trial import TrialState
+
+    fidelity = attrs.get("fidelity")
+    for t in study.get_trials(deepcopy=False):
+        # A failed pipeline may be proposed again: some failures (out of memory beside other jobs) are transient.
+        if (t.number == trial.number or t.state not in (TrialState.COMPLETE, TrialState.RUNNING)
+                or t.user_attrs.get("fidelity") != fidelity):
+            continue
+        if t.user_attrs.get("params") == pipeline:
+            return t.number
     return None
 
 

@@ -504,8 +504,9 @@ def write_report_md(
 
     md += report_lines(out_dir, front, study=str(spec_summary.get("study") or out_dir.name))
     md += ["## Trials", "", "| state | count |", "|---|---:|", *[f"| {s} | {n} |" for s, n in sorted(states.items())], "",
-           "PRUNED trials are sampled pipelines with every technique off (the baseline itself): skipped, not "
-           "run and not counted towards the requested total.", "",
+           "PRUNED trials are sampled pipelines that would teach nothing new: every technique off (the baseline "
+           "itself), or a pipeline an earlier trial already ran (`repeat_of`). They are skipped, not run and not "
+           "counted towards the requested total.", "",
            "Full table: [trials.csv](trials.csv) ([trials.json](trials.json)); front: [pareto.json](pareto.json).", ""]
     if failed:
         md += ["### Failed trials", ""] + [f"- trial {r.get('number')} ({pipeline_str(r.get('pipeline'))}): "

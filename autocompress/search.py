@@ -238,7 +238,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     from .engine import measure_baseline, prepare
     from .fidelity import SCREEN, promote, recovery_steps
     from .objective import evaluate, record
-    from .parallel import Heartbeat, next_turn, redact, skip_reason, worker_label
+    from .parallel import MAX_REPEATS_IN_A_ROW, Heartbeat, next_turn, redact, repeat_of, skip_reason, worker_label
     from .results import write_results
 
     space = resolve_space(spec, registry)  # validate everything before any work
@@ -352,7 +352,7 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
                            command=command, log=log)
     progress = _Progress(total, done, log=log, bar=worker is None)
     beat = Heartbeat(study)  # other workers, and a resumed run, tell a live trial from a dead one by it
-    empty_in_a_row = 0
+    empty_in_a_row = repeats_in_a_row = 0
     current = None  # the asked, not yet told, trial
     try:
         while worker is None or worker.parent_alive():
@@ -393,6 +393,18 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
             steps = recovery_steps(trial, spec)
             if steps is not None and "fidelity" not in trial.user_attrs:
                 trial.set_user_attr("fidelity", SCREEN)
+            same = repeat_of(study, trial, pipeline)
+            if same is not None and repeats_in_a_row < MAX_REPEATS_IN_A_ROW:
+                trial.set_user_attr("repeat_of", same)
+                trial.set_user_attr("fail_reason", f"skipped: the sampler proposed trial {same}'s pipeline again")
+                study.tell(trial, state=TrialState.PRUNED)
+                current = None
+                repeats_in_a_row += 1
+                continue
+            if same is not None:
+                log(f"The sampler proposed {repeats_in_a_row} tried pipelines in a row (is the space exhausted?); "
+                    f"running trial {trial.number}, a repeat of trial {same}")
+            repeats_in_a_row = 0
             outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number), recovery_steps=steps)
             record(study, trial, outcome, baseline=baseline, spec=spec, d=d)
             current = None
