@@ -78,16 +78,17 @@ def phrase_owners(texts: Sequence[str], *, where: str) -> list[list[int]]:
     return owners
 
 
-def carve_sentences(texts: Sequence[str], labels: np.ndarray, n: int, rng: np.random.Generator, *,
-                    where: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Carve ``n`` whole sentences (stratified, seeded) and drop from the kept rows every phrase found only inside
-    carved sentences; phrases that also occur in a kept sentence stay, as common phrases of dev sentences occur
-    in train. Returns (kept, carved, dropped phrases)."""
+def carve_sentences(texts: Sequence[str], labels: np.ndarray, size: float, rng: np.random.Generator, *,
+                    where: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Carve ``size`` whole sentences (a fraction of the sentences if < 1; stratified, seeded) and drop from the
+    kept rows every phrase found only inside carved sentences; phrases that also occur in a kept sentence stay,
+    as common phrases of dev sentences occur in train. Returns (kept, carved, dropped phrases, sentences)."""
     owners = phrase_owners(texts, where=where)
     sentences = np.array([i for i, o in enumerate(owners) if o == [i]], dtype=np.int64)
+    n = carve_size(size, len(sentences))
     _, picked = carve(np.asarray(labels)[sentences], n, rng, what="validation", where=f"{where} (whole sentences)")
     carved = sentences[picked]
     chosen = set(carved.tolist())
     gone = np.array([all(o in chosen for o in own) for own in owners])
     kept = np.flatnonzero(~gone)
-    return kept, carved, int(gone.sum()) - len(carved)
+    return kept, carved, int(gone.sum()) - len(carved), len(sentences)

@@ -126,12 +126,15 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
                          "degenerate there. Use a held-out split with every class for meaningful figures.")
 
     n_val = carve_size(data.validation_size, len(full))
+    pool = f"({len(full)} examples, one per class must stay)"
     if data.validation_carve == "sentences":
         if len(text_cols) != 1:
             raise DataError(f"data.validation_carve='sentences' needs single-text examples (phrases of sentences, as "
                             f"in SST); {train_tab.where} has text pairs {text_cols}. Set data.validation_carve: random.")
-        keep, carved, dropped = carve_sentences([t[0] for t in full.texts], np.asarray(full.labels), n_val,
-                                                _rng(seed, 2), where=train_tab.where)
+        keep, carved, dropped, n_sentences = carve_sentences([t[0] for t in full.texts], np.asarray(full.labels),
+                                                             data.validation_size, _rng(seed, 2), where=train_tab.where)
+        n_val = carve_size(data.validation_size, n_sentences)
+        pool = f"({n_sentences} whole sentences, one per class must stay)"
         notes.append(f"validation: {len(carved)} whole sentences carved from {train_tab.where} "
                      f"(data.validation_carve=sentences); {dropped} phrases found only inside them left train")
     else:
@@ -139,7 +142,7 @@ def load_task_data(data: DataSpec, *, seed: int) -> TaskData:
     train, validation = full.take(keep), full.take(carved)
     if len(carved) < n_val:
         notes.append(f"data.validation_size={data.validation_size:g} asks for more than the train split can spare "
-                     f"({len(full)} examples, one per class must stay); carved {len(carved)}. Set "
+                     f"{pool}; carved {len(carved)}. Set "
                      "data.validation_size to a fraction such as 0.1.")
     if data.max_train_examples is not None and data.max_train_examples < len(train):
         notes.append(f"training on {data.max_train_examples} of {len(train)} examples (data.max_train_examples)")

@@ -49,7 +49,7 @@ class DataSpec(_Strict):
     text_columns: list[str] | None = Field(None, description="one or two text columns; detected from GLUE layouts if unset")
     label_column: str | None = Field(None, description="label column; detected ('label') if unset")
     labels: list[Union[int, str]] | None = Field(None, description="the label set, in class-index order; inferred if unset")
-    validation_size: float = Field(2000, gt=0, description="examples carved (seeded) from train to select on; a fraction if < 1")
+    validation_size: float = Field(2000, gt=0, description="examples carved (seeded) from train to select on; a fraction if < 1 (of the sentences with validation_carve: sentences)")
     validation_carve: Literal["random", "sentences"] = Field(
         "random", description="'random' rows, or 'sentences': whole sentences of a phrase-level train split (SST), "
         "with the phrases found only inside them taken out of train, so validation looks like a held-out split")

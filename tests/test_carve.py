@@ -44,7 +44,9 @@ def _sst_like(n_sentences: int = 40) -> tuple[list[str], list[int]]:
 
 def test_carve_sentences_takes_whole_sentences_and_their_own_phrases_out_of_train():
     texts, labels = _sst_like()
-    kept, carved, dropped = carve_sentences(texts, np.asarray(labels), 10, np.random.default_rng(0), where="t")
+    kept, carved, dropped, n_sentences = carve_sentences(texts, np.asarray(labels), 10, np.random.default_rng(0),
+                                                         where="t")
+    assert n_sentences == 40
     assert len(carved) == 10 and dropped == 20  # two phrases of its own per carved sentence
     assert all(texts[i].startswith("the film number") for i in carved)
     assert sorted(np.asarray(labels)[carved].tolist()) == [0] * 5 + [1] * 5  # stratified
@@ -76,6 +78,12 @@ def test_load_task_data_with_sentence_carving(tmp_path):
     assert not {t for t in sentences.validation.texts} & {t for t in sentences.train.texts}
     assert any("whole sentences" in n and "16 phrases" in n for n in sentences.notes)
     assert sentences.fingerprint != random.fingerprint  # baselines and caches are keyed on the carve
+    tenth = load_task_data(DataSpec(path=str(tmp_path / "d"), validation_size=0.1, validation_carve="sentences"),
+                           seed=0)
+    assert len(tenth.validation) == 4  # a fraction of the 40 sentences, not of the 200 rows
+    most = load_task_data(DataSpec(path=str(tmp_path / "d"), validation_size=60, validation_carve="sentences"),
+                          seed=0)
+    assert len(most.validation) == 38 and any("(40 whole sentences, one per class must stay)" in n for n in most.notes)
 
 
 def test_sentence_carving_refuses_pairs_and_documents(tmp_path, monkeypatch):
