@@ -321,7 +321,8 @@ def single_promote(spec: Spec, *, trials_per_technique: int, joint_trials: int) 
 def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per_technique: int,
               joint_trials: int | None = None, techniques: Sequence[str] | None = None, onnx_front: bool = True,
               data: str | None = None, command: str, log: Callable[[str], None] = print) -> Path:
-    from .bench_report import draw_png, evaluate_targets, front_hypervolume, plot_data, report_md
+    from .bench_report import (draw_png, evaluate_targets, front_hypervolume, plot_data, report_md,
+                               selection_agreement)
     from .engine import measure_baseline, prepare
     from .modeling import describe_device
     from .search import run_search
@@ -357,6 +358,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
     fronts: dict[str, list[dict[str, Any]]] = {}
     base: dict[str, Any] = {}
     joint_rows: list[dict[str, Any]] = []
+    all_rows: list[dict[str, Any]] = []
     single_rows: dict[str, list[dict[str, Any]]] = {}
     latency = f"latency_bs{32 if 32 in spec.measurement.batch_sizes else spec.measurement.batch_sizes[0]}"
     joint_trials = joint_trials or spec.search.trials
@@ -384,6 +386,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         _save_runs(out, runs)
         phases[key] = runs["search_seconds"][key]
         fronts[name], base, rows = front_points(d, name)
+        all_rows += rows
         if name == "joint":
             joint_rows = rows
         else:
@@ -423,6 +426,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         "hypervolume": {k: front_hypervolume(v, base, latency=latency) for k, v in fronts.items()},
         "targets": targets, "profile": profiled,
         "engine_overhead_median": overhead, "phases_seconds": phases,
+        "selection": selection_agreement(all_rows, base),
         "reproducibility": reproducibility(runs["baselines"], runs["peers"], [latency, "latency_bs1"]),
         "budget": {"trials_per_technique": trials_per_technique, "joint_trials": joint_trials,
                    "techniques": names, "recovery_steps": spec.recovery.steps,

@@ -115,6 +115,42 @@ def evaluate_targets(joint: Sequence[Point], singles: Mapping[str, Sequence[Poin
 # ----------------------------------------------------------------------------------------------------------
 
 
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties get their average rank); None with fewer than 3 pairs or no spread."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size < 3 or a.size != b.size:
+        return None
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(v.size)
+        r[order] = np.arange(v.size, dtype=float)
+        for value in np.unique(v):  # average rank over ties
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def selection_agreement(rows: Sequence[Mapping[str, Any]], base: Point, *, near: float = 2.0) -> dict[str, Any]:
+    """How well the validation accuracy the search selects on ranks finished trials for held-out accuracy:
+    Spearman over every trial measured on both, and over the competitive ones (validation accuracy within
+    ``near`` points of the baseline's), where a noisy validation split decides what reaches the front."""
+    pairs = [(float(m["accuracy"]), float(m["eval_accuracy"])) for r in rows if r.get("state") == "COMPLETE"
+             for m in [r.get("metrics") or {}] if _num(m.get("accuracy")) is not None
+             and _num(m.get("eval_accuracy")) is not None]
+    out: dict[str, Any] = {"trials": len(pairs), "spearman": spearman(*zip(*pairs)) if pairs else None,
+                           "near_points": near}
+    b = _num(base.get("accuracy"))
+    close = [p for p in pairs if b is not None and p[0] >= b - near / 100]
+    out.update(near_trials=len(close), spearman_near=spearman(*zip(*close)) if close else None)
+    return out
+
+
 def plot_data(fronts: Mapping[str, Sequence[Point]], peers: Mapping[str, Point], *, latency: str) -> dict[str, Any]:
     """Series for the two panels (accuracy vs latency, accuracy vs size): one per front, sorted along x, and
     the peers as single labelled points. A front is three-dimensional, so in each panel only some of its
@@ -235,6 +271,13 @@ def report_md(summary: Mapping[str, Any]) -> str:
                 if s.get("n"):
                     lines.append(f"| {fig} | {metric} | {s['n']} | {_f(s['min'], '.4g')} | {_f(s['median'], '.4g')} "
                                  f"| {_f(s['max'], '.4g')} | {_f(s.get('spread_pct'), '.1f', '%')} |")
+    sel = summary.get("selection") or {}
+    if sel.get("trials"):
+        lines += ["", "## Selection: does validation rank trials like the held-out split?", "",
+                  f"Spearman rank correlation of validation and held-out accuracy over the {sel['trials']} finished "
+                  f"trials of all studies: {_f(sel.get('spearman'))}; over the {sel.get('near_trials')} within "
+                  f"{sel.get('near_points'):g} points of the baseline's validation accuracy (where it decides "
+                  f"what reaches the front): {_f(sel.get('spearman_near'))}."]
     b = summary.get("budget") or {}
     if b:
         f = b.get("fidelity")
