@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -412,6 +412,16 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _exit(code: int) -> NoReturn:
+    """``sys.exit(code)``, after clearing CPython's record of an unhandled Ctrl-C. A Ctrl-C that escaped code run
+    from a string (``exec``/``eval`` of source, as some libraries do while importing) sets that record even
+    when we handle the KeyboardInterrupt later; under ``python -m autocompress.cli`` the interpreter then kills
+    itself with SIGINT at exit (status -2) instead of exiting with ``code`` (seen in 2 of 17 Ctrl-Cs at random
+    start-up moments). Evaluating any source string resets the record."""
+    exec("")  # noqa: S102 - no input: only resets the interpreter's unhandled-KeyboardInterrupt flag
+    sys.exit(code)
+
+
 def main() -> None:
     import signal
 
@@ -425,28 +435,28 @@ def main() -> None:
         if code == 130:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
-            sys.exit(code)
+            _exit(code)
     except AutocompressError as exc:
         # escape: messages quote ranges such as [low, high] that rich would read as markup
         err.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
-        sys.exit(getattr(exc, "exit_code", 2))
+        _exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("Interrupted.")
-        sys.exit(130)
+        _exit(130)
     except Exception as exc:
         if isinstance(exc, _click_exceptions("Abort")):
             err.print("Aborted.")
-            sys.exit(130)
+            _exit(130)
         if isinstance(exc, _click_exceptions("ClickException")):  # usage errors: bad option, missing argument
             exc.show()
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         if isinstance(exc, _click_exceptions("Exit")):
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         message, code = unexpected_error(exc)  # one line and a saved traceback, never the locals
         err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-        sys.exit(code)
+        _exit(code)
 
 
 if __name__ == "__main__":
