@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -42,9 +43,10 @@ def study_dir(results_dir: str | Path, study: str) -> Path:
 def _check_writable(d: Path) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A unique probe: workers starting together on one study shared ".write-test", and one's unlink made
+        # another's fail ("not writable (No such file or directory)").
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-"):
+            pass
     except OSError as exc:
         raise StudyError(f"results folder {str(d)!r} is not writable ({exc.strerror}); pass --results-dir to a writable place") from None
 

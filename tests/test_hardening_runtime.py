@@ -363,3 +363,28 @@ def test_exit_clears_the_record_of_a_handled_ctrl_c():
     with pytest.raises(SystemExit) as exc:
         _exit(130)
     assert exc.value.code == 130 and flag.value == 0
+
+
+def test_writable_check_is_safe_for_workers_starting_together(tmp_path):
+    """Two workers of one study check the results folder at the same moment: one's probe must not be the
+    other's (a shared '.write-test' made a worker fail with 'not writable (No such file or directory)')."""
+    import threading
+
+    from autocompress.search import _check_writable
+
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            for _ in range(200):
+                _check_writable(tmp_path / "study")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert not list((tmp_path / "study").iterdir())  # no probe left behind
