@@ -395,9 +395,6 @@ def _label_mapping(train: list[Any], evaluation: list[Any], data: DataSpec, tab:
     return {n: i for i, n in enumerate(names)}, names
 
 
-# ---------------------------------------------------------------------------------------------- carving
-
-
 # ---------------------------------------------------------------------------------------------- tokenisation
 
 
