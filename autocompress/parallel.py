@@ -202,10 +202,11 @@ def _counts(trials: list[Any]) -> tuple[int, int]:
     return finished, running
 
 
-def next_turn(study: Any, spec: Any, *, log: Callable[[str], None], poll: float | None = None) -> int | None:
+def next_turn(study: Any, spec: Any, *, log: Callable[[str], None], poll: float | None = None,
+              sleep: Callable[[float], None] = time.sleep) -> int | None:
     """Finished trials so far when this worker may start one more; None once the total is reached. Waits
-    while the trials running in other workers would complete the total (one of them may still fail as
-    stale, and then its retry is this worker's to run)."""
+    (``sleep``) while the trials running in other workers would complete the total (one of them may still
+    fail as stale, and then its retry is this worker's to run)."""
     total = spec.search.total_trials
     poll = poll if poll is not None else min(2.0, float(spec.search.heartbeat_interval))
     said = False
@@ -219,7 +220,7 @@ def next_turn(study: Any, spec: Any, *, log: Callable[[str], None], poll: float 
         if not said:
             log(f"{finished}/{total} finished; the rest are running in other workers: waiting for them")
             said = True
-        time.sleep(poll)
+        sleep(poll)
 
 
 def _counts_as_copy(t: Any) -> bool:

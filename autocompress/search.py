@@ -17,7 +17,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import AutocompressError, StudyError
 from .guards import check_free_space, check_model, discard_if_unstarted, hold_study_lock, spec_changes
@@ -115,25 +115,55 @@ def open_study(spec: Spec, d: Path, *, create: bool = True, seed_offset: int = 0
         raise StudyError(f"cannot open study {spec.study!r} in storage {redact(url)!r}: {exc}") from None
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM while Optuna creates a trial: a signal inside ``study.ask()`` would leave a
-    RUNNING trial that this process never learns about (resume would still mark it stale, but the results
-    folder should be consistent the moment the process exits). Yields the list of signals received."""
-    import signal
-    import threading
+class _SignalGate:
+    """Holds SIGINT/SIGTERM while this process talks to the study storage and lets them through only while a
+    trial computes (:meth:`open`). A KeyboardInterrupt raised in the middle of an SQLAlchemy call can leave
+    this process's SQLite connection mid-transaction; its lock then fails every later write here ("database is
+    locked"), so the cut-off trial could not be recorded and stayed RUNNING (seen in CI after a Ctrl-C that
+    landed while a trial's parameters were being sampled). A held signal is raised at the next
+    :meth:`check`. Outside the main thread (signals cannot be handled there) it does nothing."""
 
-    pending: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield pending
-        return
-    saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-             for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield pending
-    finally:
-        for sig, handler in saved.items():
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.saved: dict[int, Any] = {}
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def __enter__(self) -> "_SignalGate":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {sig: signal.signal(sig, self._hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
             signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def sleep(self, seconds: float) -> None:
+        with self.open():
+            time.sleep(seconds)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        import signal
+
+        self.check()
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in self.saved:
+                signal.signal(sig, self._hold)
 
 
 def constraint_values(metrics: dict[str, Any], baseline: dict[str, Any], spec: Spec) -> dict[str, float]:
@@ -356,91 +386,93 @@ def run_search(spec: Spec, *, registry: Registry, results_dir: str | Path, comma
     beat = Heartbeat(study)  # other workers, and a resumed run, tell a live trial from a dead one by it
     empty_in_a_row = repeats_in_a_row = 0
     current = None  # the asked, not yet told, trial
-    try:
-        while worker is None or worker.parent_alive():
-            if spec.search.fidelity is not None:
-                promote(study, spec, log=log)  # enqueues the promising screened trials once all are screened
-            done = next_turn(study, spec, log=log)
-            if done is None:
-                break
-            with _signals_deferred() as pending:
+    # Signals are held through the storage bookkeeping below, so Ctrl-C always finds it consistent
+    with _SignalGate() as gate:
+        try:
+            while worker is None or worker.parent_alive():
+                gate.check()
+                if spec.search.fidelity is not None:
+                    promote(study, spec, log=log)  # enqueues the promising screened trials once all are screened
+                done = next_turn(study, spec, log=log, sleep=gate.sleep)
+                if done is None:
+                    break
                 trial = current = study.ask()
                 beat.follow(trial)
                 trial.set_user_attr("worker", worker_label())
-            if pending:
-                raise KeyboardInterrupt
-            skip = skip_reason(study, trial, total)
-            if skip:
-                trial.set_user_attr("skipped", skip)
-                trial.set_user_attr("fail_reason", f"skipped: {skip}")
-                study.tell(trial, state=TrialState.PRUNED)
-                if skip.startswith("surplus"):
-                    _requeue(study, study._storage.get_trial(trial._trial_id))
+                gate.check()
+                skip = skip_reason(study, trial, total)
+                if skip:
+                    trial.set_user_attr("skipped", skip)
+                    trial.set_user_attr("fail_reason", f"skipped: {skip}")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    if skip.startswith("surplus"):
+                        _requeue(study, study._storage.get_trial(trial._trial_id))
+                    current = None
+                    continue
+                pipeline = sample(space, Suggester(trial))
+                trial.set_user_attr("pipeline", list(pipeline))
+                trial.set_user_attr("params", pipeline)
+                if not pipeline:
+                    # Every technique sampled off: that model is the baseline, already measured. Record it
+                    # as pruned (no cost) and do not count it, so the budget goes to real candidates.
+                    trial.set_user_attr("fail_reason", "skipped: no technique enabled (identical to the baseline)")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    current = None
+                    empty_in_a_row += 1
+                    if empty_in_a_row >= 50:
+                        raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
+                    continue
+                empty_in_a_row = 0
+                steps = recovery_steps(trial, spec)
+                if steps is not None and "fidelity" not in trial.user_attrs:
+                    trial.set_user_attr("fidelity", SCREEN)
+                same = repeat_of(study, trial, pipeline)
+                if same is not None and repeats_in_a_row < MAX_REPEATS_IN_A_ROW:
+                    trial.set_user_attr("repeat_of", same)
+                    trial.set_user_attr("fail_reason", f"skipped: the sampler proposed trial {same}'s pipeline again")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    current = None
+                    repeats_in_a_row += 1
+                    continue
+                if same is not None:
+                    log(f"The sampler proposed {repeats_in_a_row} tried pipelines in a row (is the space exhausted?); "
+                        f"running trial {trial.number}, a repeat of trial {same}")
+                repeats_in_a_row = 0
+                with gate.open():  # the trial's own work touches no storage: a signal may stop it anywhere
+                    outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number), recovery_steps=steps)
+                record(study, trial, outcome, baseline=baseline, spec=spec, d=d)
                 current = None
-                continue
-            pipeline = sample(space, Suggester(trial))
-            trial.set_user_attr("pipeline", list(pipeline))
-            trial.set_user_attr("params", pipeline)
-            if not pipeline:
-                # Every technique sampled off: that model is the baseline, already measured. Record it
-                # as pruned (no cost) and do not count it, so the budget goes to real candidates.
-                trial.set_user_attr("fail_reason", "skipped: no technique enabled (identical to the baseline)")
-                study.tell(trial, state=TrialState.PRUNED)
-                current = None
-                empty_in_a_row += 1
-                if empty_in_a_row >= 50:
-                    raise StudyError("the sampler proposed 50 empty pipelines in a row; set at least one technique to enabled: true")
-                continue
-            empty_in_a_row = 0
-            steps = recovery_steps(trial, spec)
-            if steps is not None and "fidelity" not in trial.user_attrs:
-                trial.set_user_attr("fidelity", SCREEN)
-            same = repeat_of(study, trial, pipeline)
-            if same is not None and repeats_in_a_row < MAX_REPEATS_IN_A_ROW:
-                trial.set_user_attr("repeat_of", same)
-                trial.set_user_attr("fail_reason", f"skipped: the sampler proposed trial {same}'s pipeline again")
-                study.tell(trial, state=TrialState.PRUNED)
-                current = None
-                repeats_in_a_row += 1
-                continue
-            if same is not None:
-                log(f"The sampler proposed {repeats_in_a_row} tried pipelines in a row (is the space exhausted?); "
-                    f"running trial {trial.number}, a repeat of trial {same}")
-            repeats_in_a_row = 0
-            outcome = evaluate(prep, pipeline, d / "trials" / str(trial.number), recovery_steps=steps)
-            record(study, trial, outcome, baseline=baseline, spec=spec, d=d)
-            current = None
-            done += 1
-            front = write_results(d, study=study, spec=spec)
-            if "fail_reason" in outcome:
-                line = f"trial {trial.number} FAILED: {outcome['fail_reason']}"
-            else:
-                line = _trial_line(trial.number, pipeline, outcome["metrics"], baseline, spec)
-            if steps is not None:
-                line += f"  [{trial.user_attrs.get('fidelity')}: {outcome.get('metrics', {}).get('recovery_steps', '-')} steps]"
-            progress.update(done, line, len(front))
-    except KeyboardInterrupt:
-        from optuna.exceptions import StorageInternalError
+                done += 1
+                front = write_results(d, study=study, spec=spec)
+                if "fail_reason" in outcome:
+                    line = f"trial {trial.number} FAILED: {outcome['fail_reason']}"
+                else:
+                    line = _trial_line(trial.number, pipeline, outcome["metrics"], baseline, spec)
+                if steps is not None:
+                    line += f"  [{trial.user_attrs.get('fidelity')}: {outcome.get('metrics', {}).get('recovery_steps', '-')} steps]"
+                progress.update(done, line, len(front))
+        except KeyboardInterrupt:
+            from optuna.exceptions import StorageInternalError
 
-        progress.close()
-        try:
-            if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
-                # Whatever point of the trial the signal hit, it is recorded and does not count.
-                current.set_user_attr("interrupted", True)
-                current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
-                study.tell(current, state=TrialState.FAIL)
-                _requeue(study, study._storage.get_trial(current._trial_id))
-                shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
-            write_results(d, study=study, spec=spec)
-            done = finished_count(study)
-        except StorageInternalError:
-            # A signal in the middle of a storage query can leave SQLite locked for this process ("database is
-            # locked"). Nothing finished is lost: the cut-off trial stays RUNNING, and the next run of the same
-            # command marks it stale and runs it again (mark_stale_running).
-            done = None
-        raise StudyInterrupted(done, total, command) from None
-    finally:
-        beat.stop()
+            progress.close()
+            try:
+                if current is not None and study._storage.get_trial(current._trial_id).state == TrialState.RUNNING:
+                    # Whatever point of the trial the signal hit, it is recorded and does not count.
+                    current.set_user_attr("interrupted", True)
+                    current.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM) mid-trial; it does not count towards the total")
+                    study.tell(current, state=TrialState.FAIL)
+                    _requeue(study, study._storage.get_trial(current._trial_id))
+                    shutil.rmtree(d / "trials" / str(current.number), ignore_errors=True)
+                write_results(d, study=study, spec=spec)
+                done = finished_count(study)
+            except StorageInternalError:
+                # The storage failed (a network database gone, a disk full). Nothing finished is lost: the
+                # cut-off trial stays RUNNING, and the next run of the same command marks it stale and runs it
+                # again (mark_stale_running).
+                done = None
+            raise StudyInterrupted(done, total, command) from None
+        finally:
+            beat.stop()
     progress.close()
     return d
 
