@@ -189,7 +189,8 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
                          "model.max_length to keep more of long texts")
     latency_sets = encode_latency_sets(spec, data.evaluation, tokenizer, cache_dir=cache)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log)
+    baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log,
+                                       validation=validation)
     return Prepared(spec, registry, device, data, tokenizer, train, validation, evaluation, latency_sets,
                     baseline, bdir, key, pad, notes)
 
@@ -211,11 +212,14 @@ def baseline_location(spec: Spec, data: "TaskData") -> tuple[str, Path]:
     (``model/`` inside holds the weights once fine-tuned)."""
     from .modeling import resolve_model_path
 
+    baseline = spec.baseline.model_dump(mode="json")
+    if not baseline["select_checkpoints"]:
+        del baseline["select_checkpoints"]  # added later: keys of baselines cached before it stay valid
     key = _hash({
         "model": spec.model.model_dump(mode="json"),
         "model_path": resolve_model_path(spec.model.name),
         "data": data.fingerprint,
-        "baseline": spec.baseline.model_dump(mode="json"),
+        "baseline": baseline,
         "seed": spec.seed,
         "v": 1,
     })
@@ -223,8 +227,11 @@ def baseline_location(spec: Spec, data: "TaskData") -> tuple[str, Path]:
 
 
 def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,
-                 pad_token_id: int, log: Callable[[str], None]) -> tuple["nn.Module", Path, str]:
-    """Fine-tune the base model once, cached by model, data and hyperparameters."""
+                 pad_token_id: int, log: Callable[[str], None], validation: "Encoded | None" = None,
+                 ) -> tuple["nn.Module", Path, str]:
+    """Fine-tune the base model once, cached by model, data and hyperparameters. With
+    ``baseline.select_checkpoints`` it keeps the checkpoint most accurate on ``validation`` (never on the
+    evaluation split, which only reports)."""
     from transformers import AutoModelForSequenceClassification
 
     from .modeling import load_base_classifier
@@ -241,9 +248,23 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
     steps = steps_for(examples=len(train), batch_size=b.batch_size, epochs=b.epochs, max_steps=b.max_steps)
     log(f"Fine-tuning the baseline: {steps} steps of batch {b.batch_size} on {len(train)} examples (cached afterwards)")
     reporter = _step_reporter(log, steps)
+    score = None
+    if b.select_checkpoints:
+        from .measure import evaluate
+
+        if validation is None or not len(validation):
+            raise ValueError("baseline.select_checkpoints needs the validation split")  # a caller's bug
+
+        def score(m: "nn.Module") -> float:
+            accuracy = evaluate(m, validation, device=device, pad_token_id=pad_token_id)["accuracy"]
+            log(f"  checkpoint: validation accuracy {accuracy * 100:.2f}")
+            return accuracy
+
     stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
                       weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=spec.seed, device=device,
-                      pad_token_id=pad_token_id, on_step=reporter)
+                      pad_token_id=pad_token_id, on_step=reporter, checkpoints=b.select_checkpoints, score=score)
+    if "best_step" in stats:
+        log(f"  kept the checkpoint of step {stats['best_step']}/{steps} (best validation accuracy)")
     tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

@@ -72,6 +72,9 @@ class TrainSpec(_Strict):
     learning_rate: float = Field(5e-5, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    select_checkpoints: int = Field(0, ge=0, description=(
+        "0 keeps the model training ends with; N > 0 scores N checkpoints, evenly spaced through training (the "
+        "last included), on the validation split and keeps the most accurate"))
 
 
 class RecoverySpec(_Strict):

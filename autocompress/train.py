@@ -29,16 +29,23 @@ def fine_tune(
     hooks: Sequence[TrainingHooks] = (),
     pad_token_id: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    checkpoints: int = 0,
+    score: Callable[["nn.Module"], float] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimiser steps of cross-entropy plus the hooks' loss terms.
 
-    Returns ``{"steps", "final_loss", "seconds"}``. A non-finite loss raises :class:`TrialError` (the trial
-    is recorded as failed with that reason; the study goes on).
+    With ``checkpoints`` = N > 0, ``score(model)`` (higher is better; a held-out split, never the one
+    reported) is taken at N evenly spaced steps, the last included, and the model ends with the weights of
+    the best: ``load_best_model_at_end`` in transformers' Trainer. Returns ``{"steps", "final_loss",
+    "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"`` when selecting. A non-finite
+    loss raises :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
     """
     import torch
 
     if steps <= 0:
         return {"steps": 0, "final_loss": None, "seconds": 0.0}
+    if checkpoints and score is None:
+        raise ValueError("fine_tune(checkpoints=N) needs score=: the function that rates a checkpoint")
     torch.manual_seed(seed)
     model.to(device).train()
     decay, no_decay = [], []
@@ -65,17 +72,45 @@ def fine_tune(
     saved_impl = getattr(config, "_attn_implementation", None)
     if want_attn and saved_impl is not None:
         config._attn_implementation = "eager"
+    keeper = _BestCheckpoint(steps, checkpoints, score) if checkpoints else None
     try:
-        return _loop(model, enc, steps=steps, batch_size=batch_size, seed=seed, device=device, hooks=hooks,
-                     pad_token_id=pad_token_id, on_step=on_step, optimizer=optimizer, scheduler=scheduler,
-                     groups=groups, want_hidden=want_hidden, want_attn=want_attn, task_weight=task_weight)
+        stats = _loop(model, enc, steps=steps, batch_size=batch_size, seed=seed, device=device, hooks=hooks,
+                      pad_token_id=pad_token_id, on_step=on_step, optimizer=optimizer, scheduler=scheduler,
+                      groups=groups, want_hidden=want_hidden, want_attn=want_attn, task_weight=task_weight,
+                      keeper=keeper)
     finally:
         if want_attn and saved_impl is not None:
             config._attn_implementation = saved_impl
+    if keeper is not None:
+        stats.update(keeper.restore(model))
+    return stats
+
+
+class _BestCheckpoint:
+    """Scores the model at evenly spaced steps and keeps a CPU copy of the best weights."""
+
+    def __init__(self, steps: int, n: int, score: Callable[["nn.Module"], float]) -> None:
+        n = min(n, steps)
+        self.at = {round(steps * (i + 1) / n) for i in range(n)}
+        self.score, self.seen, self.best = score, [], None
+
+    def after(self, step: int, model: "nn.Module") -> None:
+        if step not in self.at:
+            return
+        value = float(self.score(model))
+        model.train()  # scoring switched it to eval
+        self.seen.append([step, value])
+        if self.best is None or value > self.best[1]:
+            self.best = (step, value, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+    def restore(self, model: "nn.Module") -> dict[str, Any]:
+        step, _, state = self.best
+        model.load_state_dict(state)
+        return {"checkpoints": self.seen, "best_step": step}
 
 
 def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, on_step, optimizer, scheduler,
-          groups, want_hidden, want_attn, task_weight) -> dict[str, Any]:
+          groups, want_hidden, want_attn, task_weight, keeper=None) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -122,6 +157,8 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
                 h.after_step(step, steps)
         if on_step:
             on_step(step + 1, steps, loss_value)
+        if keeper is not None:
+            keeper.after(step + 1, model)
     model.eval()
     optimizer.zero_grad(set_to_none=True)
     return {"steps": steps, "final_loss": loss_value, "seconds": time.perf_counter() - start}
