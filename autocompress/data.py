@@ -468,10 +468,31 @@ def _load_encoded(path: Path) -> Encoded:
         return Encoded(ids, tt, z["labels"], int(z["truncated"]))
 
 
+# Examples sorted by length within windows of this many batches (transformers' ``group_by_length`` uses 50).
+_MEGABATCH = 50
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, *, batch_size: int, seed: int) -> list[np.ndarray]:
+    """``order`` (already shuffled) cut into batches of similar length, in a shuffled batch order.
+
+    Windows of ``_MEGABATCH`` batches are sorted by length and cut, as transformers' ``group_by_length``
+    does: every example is still drawn once per epoch and a batch mixes examples from across the window,
+    but a batch pads to its own longest example, which is now close to its shortest. SST-2's phrases (13
+    tokens on average, up to 64) pad to ~3x their tokens in random batches of 32 and ~1.05x grouped."""
+    window = _MEGABATCH * batch_size
+    out: list[np.ndarray] = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [out[i] for i in _rng(seed, stream=1).permutation(len(out))]
+
+
 def batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", shuffle: bool = False, seed: int = 0,
-            indices: Sequence[int] | None = None, pad_token_id: int = 0,
+            indices: Sequence[int] | None = None, pad_token_id: int = 0, group_by_length: bool = False,
             drop_last: bool = False, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches padded to their own longest example (not a global max_length), moved to ``device``.
+    ``group_by_length`` (with ``shuffle``) draws batches of similar length (:func:`length_grouped`).
     ``with_index`` adds ``example_index`` (positions in ``enc``), used to look up cached teacher outputs."""
     import torch
 
@@ -480,8 +501,13 @@ def batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", shuffle: bool
     order = np.arange(len(enc)) if indices is None else np.asarray(indices, dtype=np.int64)
     if shuffle:
         order = _rng(seed).permutation(order)
-    for start in range(0, len(order) - (len(order) % batch_size if drop_last else 0), batch_size):
-        idx = order[start:start + batch_size]
+    if shuffle and group_by_length:
+        chunks = length_grouped(order, enc.lengths(), batch_size=batch_size, seed=seed)
+    else:
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in chunks:
+        if drop_last and len(idx) < batch_size:
+            continue
         width = max(len(enc.input_ids[i]) for i in idx)
         ids = np.full((len(idx), width), pad_token_id, dtype=np.int64)
         mask = np.zeros((len(idx), width), dtype=np.int64)
@@ -499,11 +525,11 @@ def batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", shuffle: bool
         yield {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
 
-def infinite_batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", seed: int = 0,
-                     pad_token_id: int = 0, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def infinite_batches(enc: Encoded, *, batch_size: int, device: Any = "cpu", seed: int = 0, pad_token_id: int = 0,
+                     group_by_length: bool = False, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches forever; epoch ``e`` is shuffled with ``seed + e`` so runs repeat."""
     if len(enc) == 0:
         raise DataError("cannot draw training batches from an empty split; check data.max_train_examples and the data")
     for epoch in itertools.count():
         yield from batches(enc, batch_size=batch_size, device=device, shuffle=True, seed=seed + epoch,
-                           pad_token_id=pad_token_id, with_index=with_index)
+                           pad_token_id=pad_token_id, group_by_length=group_by_length, with_index=with_index)

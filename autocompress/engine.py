@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .data import cache_root
 from .registry import Registry
-from .spec import Spec
+from .spec import Spec, without_later_defaults
 from .technique import TechniqueContext
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def baseline_location(spec: Spec, data: "TaskData") -> tuple[str, Path]:
     (``model/`` inside holds the weights once fine-tuned)."""
     from .modeling import resolve_model_path
 
-    baseline = spec.baseline.model_dump(mode="json")
+    baseline = without_later_defaults({"baseline": spec.baseline.model_dump(mode="json")})["baseline"]
     if not baseline["select_checkpoints"]:
         del baseline["select_checkpoints"]  # added later: keys of baselines cached before it stay valid
     key = _hash({
@@ -262,8 +262,15 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
 
     stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
                       weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=spec.seed, device=device,
-                      pad_token_id=pad_token_id, on_step=reporter, checkpoints=b.select_checkpoints, score=score)
-    if "best_step" in stats:
+                      pad_token_id=pad_token_id, on_step=reporter, checkpoints=b.select_checkpoints, score=score,
+                      average_last=b.average_checkpoints, group_by_length=b.group_by_length)
+    average = stats.get("average")
+    if average:
+        log(f"  the mean of the checkpoints of steps {', '.join(map(str, average['steps']))}: validation accuracy "
+            f"{average['score'] * 100:.2f}")
+    if average and average["kept"]:
+        log("  kept that mean (more accurate on validation than every single checkpoint)")
+    elif "best_step" in stats:
         log(f"  kept the checkpoint of step {stats['best_step']}/{steps} (best validation accuracy)")
     tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache
     shutil.rmtree(tmp, ignore_errors=True)
@@ -407,7 +414,7 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
             return {"steps": 0}
         return fine_tune(m, prep.train, steps=n, batch_size=r.batch_size, learning_rate=r.learning_rate,
                          warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
-                         pad_token_id=prep.pad_token_id)
+                         pad_token_id=prep.pad_token_id, group_by_length=r.group_by_length)
 
     def count_flops(m: "nn.Module") -> None:
         with excluded():

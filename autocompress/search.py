@@ -24,7 +24,7 @@ from .guards import check_free_space, check_model, discard_if_unstarted, hold_st
 from .report import _write_text as write_atomic
 from .registry import Registry
 from .space import Suggester, enqueued_params, resolve_space, sample
-from .spec import Spec, dump_spec
+from .spec import Spec, dump_spec, without_later_defaults
 
 SPEC_FILE = "spec.resolved.yaml"
 STATE_FILE = "study.json"
@@ -58,6 +58,7 @@ def space_fingerprint(spec: Spec) -> str:
     # Where trials run is not what they are: the device is recorded with every measurement instead, so a
     # study can be resumed, or shared by workers, on other hardware ("auto" keeps older fingerprints valid).
     dumped["measurement"]["device"] = "auto"
+    without_later_defaults(dumped)
     blob = json.dumps({k: dumped[k] for k in SEARCH_KEYS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

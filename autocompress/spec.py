@@ -75,6 +75,19 @@ class TrainSpec(_Strict):
     select_checkpoints: int = Field(0, ge=0, description=(
         "0 keeps the model training ends with; N > 0 scores N checkpoints, evenly spaced through training (the "
         "last included), on the validation split and keeps the most accurate"))
+    average_checkpoints: int = Field(0, ge=0, description=(
+        "0 or K >= 2 (at most select_checkpoints): also score the mean of the last K scored checkpoints' weights "
+        "and keep it when it is more accurate on validation than every single checkpoint"))
+    group_by_length: bool = Field(False, description=(
+        "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
+
+    @model_validator(mode="after")
+    def _averaging(self) -> "TrainSpec":
+        k = self.average_checkpoints
+        if k and not 2 <= k <= self.select_checkpoints:
+            raise ValueError(f"average_checkpoints={k} averages 2 to select_checkpoints "
+                             f"({self.select_checkpoints}) checkpoints; raise select_checkpoints or set it to 0")
+        return self
 
 
 class RecoverySpec(_Strict):
@@ -82,6 +95,26 @@ class RecoverySpec(_Strict):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    group_by_length: bool = Field(False, description=(
+        "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
+
+
+# Options added after studies and baselines were cached: left out of study fingerprints and baseline cache
+# keys while at their defaults, so what was cached before they existed stays valid.
+ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("baseline", "average_checkpoints"): 0,
+    ("baseline", "group_by_length"): False,
+    ("recovery", "group_by_length"): False,
+}
+
+
+def without_later_defaults(dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (a ``model_dump``, changed in place) without the :data:`ADDED_LATER` keys at their defaults."""
+    for (section, key), default in ADDED_LATER.items():
+        part = dumped.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            del part[key]
+    return dumped
 
 
 class MeasurementSpec(_Strict):

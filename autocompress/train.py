@@ -31,14 +31,20 @@ def fine_tune(
     on_step: Callable[[int, int, float], None] | None = None,
     checkpoints: int = 0,
     score: Callable[["nn.Module"], float] | None = None,
+    average_last: int = 0,
+    group_by_length: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimiser steps of cross-entropy plus the hooks' loss terms.
 
     With ``checkpoints`` = N > 0, ``score(model)`` (higher is better; a held-out split, never the one
     reported) is taken at N evenly spaced steps, the last included, and the model ends with the weights of
-    the best: ``load_best_model_at_end`` in transformers' Trainer. Returns ``{"steps", "final_loss",
-    "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"`` when selecting. A non-finite
-    loss raises :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
+    the best: ``load_best_model_at_end`` in transformers' Trainer. With ``average_last`` = K >= 2 as well, the
+    mean of the last K checkpoints' weights (checkpoint averaging, as in Vaswani et al. 2017 and "model soups")
+    is scored too and kept when it beats every single checkpoint. ``group_by_length`` draws batches of similar
+    length (fewer padded tokens, so faster steps; :func:`autocompress.data.length_grouped`). Returns
+    ``{"steps", "final_loss", "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"``
+    when selecting, and ``"average"`` ({"steps", "score", "kept"}) when averaging. A non-finite loss raises
+    :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
     """
     import torch
 
@@ -46,6 +52,9 @@ def fine_tune(
         return {"steps": 0, "final_loss": None, "seconds": 0.0}
     if checkpoints and score is None:
         raise ValueError("fine_tune(checkpoints=N) needs score=: the function that rates a checkpoint")
+    if average_last and not 2 <= average_last <= checkpoints:
+        raise ValueError(f"fine_tune(average_last={average_last}) averages 2 to checkpoints={checkpoints} "
+                         "of the scored checkpoints; raise checkpoints or set average_last=0")
     torch.manual_seed(seed)
     model.to(device).train()
     decay, no_decay = [], []
@@ -72,12 +81,12 @@ def fine_tune(
     saved_impl = getattr(config, "_attn_implementation", None)
     if want_attn and saved_impl is not None:
         config._attn_implementation = "eager"
-    keeper = _BestCheckpoint(steps, checkpoints, score) if checkpoints else None
+    keeper = _BestCheckpoint(steps, checkpoints, score, average_last=average_last) if checkpoints else None
     try:
         stats = _loop(model, enc, steps=steps, batch_size=batch_size, seed=seed, device=device, hooks=hooks,
                       pad_token_id=pad_token_id, on_step=on_step, optimizer=optimizer, scheduler=scheduler,
                       groups=groups, want_hidden=want_hidden, want_attn=want_attn, task_weight=task_weight,
-                      keeper=keeper)
+                      keeper=keeper, group_by_length=group_by_length)
     finally:
         if want_attn and saved_impl is not None:
             config._attn_implementation = saved_impl
@@ -87,12 +96,14 @@ def fine_tune(
 
 
 class _BestCheckpoint:
-    """Scores the model at evenly spaced steps and keeps a CPU copy of the best weights."""
+    """Scores the model at evenly spaced steps and keeps a CPU copy of the best weights (and of the last
+    ``average_last``, to score their mean at the end)."""
 
-    def __init__(self, steps: int, n: int, score: Callable[["nn.Module"], float]) -> None:
+    def __init__(self, steps: int, n: int, score: Callable[["nn.Module"], float], *, average_last: int = 0) -> None:
         n = min(n, steps)
-        self.at = {round(steps * (i + 1) / n) for i in range(n)}
-        self.score, self.seen, self.best = score, [], None
+        at = sorted({round(steps * (i + 1) / n) for i in range(n)})
+        self.at, self.averaged = set(at), set(at[-average_last:]) if average_last >= 2 else set()
+        self.score, self.seen, self.best, self.tail = score, [], None, []
 
     def after(self, step: int, model: "nn.Module") -> None:
         if step not in self.at:
@@ -100,17 +111,44 @@ class _BestCheckpoint:
         value = float(self.score(model))
         model.train()  # scoring switched it to eval
         self.seen.append([step, value])
+        state = None
+        if step in self.averaged:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.tail.append((step, state))
         if self.best is None or value > self.best[1]:
-            self.best = (step, value, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            state = state or {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = (step, value, state)
 
     def restore(self, model: "nn.Module") -> dict[str, Any]:
-        step, _, state = self.best
+        step, best_value, state = self.best
+        out: dict[str, Any] = {"checkpoints": self.seen, "best_step": step}
+        if len(self.tail) >= 2:
+            model.load_state_dict(average_states([s for _, s in self.tail]))
+            value = float(self.score(model))
+            kept = value > best_value  # ties keep the single checkpoint
+            out["average"] = {"steps": [s for s, _ in self.tail], "score": value, "kept": kept}
+            if kept:
+                return out
         model.load_state_dict(state)
-        return {"checkpoints": self.seen, "best_step": step}
+        return out
+
+
+def average_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The element-wise mean of floating-point tensors; other tensors (integer buffers such as
+    ``position_ids``) are taken from the last state."""
+    import torch
+
+    out = {}
+    for k, last in states[-1].items():
+        if torch.is_floating_point(last):
+            out[k] = torch.stack([s[k].to(torch.float32) for s in states]).mean(0).to(last.dtype)
+        else:
+            out[k] = last.clone()
+    return out
 
 
 def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, on_step, optimizer, scheduler,
-          groups, want_hidden, want_attn, task_weight, keeper=None) -> dict[str, Any]:
+          groups, want_hidden, want_attn, task_weight, keeper=None, group_by_length=False) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -118,7 +156,7 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
     from .timing import add_compute
 
     data = infinite_batches(enc, batch_size=batch_size, device=device, seed=seed, pad_token_id=pad_token_id,
-                            with_index=True)
+                            group_by_length=group_by_length, with_index=True)
     start = time.perf_counter()
     loss_value = float("nan")
     for step in range(steps):

@@ -69,3 +69,66 @@ def test_cache_key_of_baselines_without_selection_is_unchanged(tmp_path, tiny_mo
     key_selecting, _ = engine.baseline_location(selecting, data)
     assert "select_checkpoints" not in hashed[0]["baseline"]  # keys cached before the option existed still match
     assert hashed[1]["baseline"]["select_checkpoints"] == 3 and key_plain != key_selecting
+
+
+def _averaging_run(scores, *, average_last=3):
+    """Train with 4 checkpoints, scored from ``scores`` in turn (the last is the mean's)."""
+    model = make_tiny_classifier()
+    feed, snapshots = iter(scores), []
+
+    def score(m):
+        snapshots.append(_weights(m))
+        return next(feed)
+
+    stats = fine_tune(model, testing.tiny_encoded(48), steps=12, batch_size=8, learning_rate=1e-2,
+                      checkpoints=4, score=score, average_last=average_last)
+    return model, stats, snapshots
+
+
+def test_the_mean_of_the_last_checkpoints_is_kept_when_it_scores_best():
+    model, stats, snaps = _averaging_run([0.5, 0.9, 0.7, 0.6, 0.95])
+    assert stats["average"] == {"steps": [6, 9, 12], "score": 0.95, "kept": True}
+    assert stats["best_step"] == 6  # the best single checkpoint is still reported
+    kept = model.state_dict()
+    for k, v in kept.items():
+        if torch.is_floating_point(v):
+            torch.testing.assert_close(v, torch.stack([s[k] for s in snaps[1:4]]).mean(0))
+    assert torch.equal(snaps[4]["classifier.weight"], kept["classifier.weight"])  # the mean was what was scored
+    assert not torch.equal(kept["classifier.weight"], snaps[1]["classifier.weight"])
+
+
+def test_the_best_single_checkpoint_is_kept_when_the_mean_scores_no_better():
+    model, stats, snaps = _averaging_run([0.5, 0.9, 0.7, 0.6, 0.9])  # a tie keeps the single checkpoint
+    assert stats["average"]["kept"] is False and stats["best_step"] == 6
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snaps[1].items())
+
+
+def test_average_checkpoints_is_validated():
+    with pytest.raises(ValueError, match="average_last=5"):
+        fine_tune(make_tiny_classifier(), testing.tiny_encoded(8), steps=4, batch_size=4, learning_rate=1e-3,
+                  checkpoints=4, score=lambda m: 0.0, average_last=5)
+    from autocompress.spec import TrainSpec
+
+    with pytest.raises(ValueError, match="average_checkpoints=3 .*select_checkpoints"):
+        TrainSpec(select_checkpoints=2, average_checkpoints=3)
+    with pytest.raises(ValueError, match="average_checkpoints=1"):
+        TrainSpec(select_checkpoints=6, average_checkpoints=1)
+    assert TrainSpec(select_checkpoints=6, average_checkpoints=3).average_checkpoints == 3
+
+
+def test_cache_key_of_baselines_without_the_later_options_is_unchanged(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                       isolated_cache):
+    from conftest import write_tiny_spec
+
+    from autocompress.data import load_task_data
+
+    path = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
+    spec = load_spec(path, overrides=["baseline.select_checkpoints=3"])
+    data = load_task_data(spec.data, seed=spec.seed)
+    key = engine.baseline_location(spec, data)[0]
+    same = load_spec(path, overrides=["baseline.select_checkpoints=3", "baseline.average_checkpoints=0",
+                                      "baseline.group_by_length=false"])
+    assert engine.baseline_location(same, data)[0] == key
+    for extra in ("baseline.average_checkpoints=2", "baseline.group_by_length=true"):
+        other = load_spec(path, overrides=["baseline.select_checkpoints=3", extra])
+        assert engine.baseline_location(other, data)[0] != key, extra
