@@ -266,10 +266,8 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
                       average_last=b.average_checkpoints, group_by_length=b.group_by_length)
     average = stats.get("average")
     if average:
-        log(f"  the mean of the checkpoints of steps {', '.join(map(str, average['steps']))}: validation accuracy "
-            f"{average['score'] * 100:.2f}")
-    if average and average["kept"]:
-        log("  kept that mean (more accurate on validation than every single checkpoint)")
+        log(f"  kept the mean of the checkpoints of steps {', '.join(map(str, average['steps']))}: validation "
+            f"accuracy {average['score'] * 100:.2f}")
     elif "best_step" in stats:
         log(f"  kept the checkpoint of step {stats['best_step']}/{steps} (best validation accuracy)")
     tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache

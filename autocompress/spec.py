@@ -76,8 +76,8 @@ class TrainSpec(_Strict):
         "0 keeps the model training ends with; N > 0 scores N checkpoints, evenly spaced through training (the "
         "last included), on the validation split and keeps the most accurate"))
     average_checkpoints: int = Field(0, ge=0, description=(
-        "0 or K >= 2 (at most select_checkpoints): also score the mean of the last K scored checkpoints' weights "
-        "and keep it when it is more accurate on validation than every single checkpoint"))
+        "0 or K >= 2 (at most select_checkpoints): keep the mean of the last K scored checkpoints' weights "
+        "(checkpoint averaging) instead of the best single checkpoint; its validation score is recorded"))
     group_by_length: bool = Field(False, description=(
         "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
 

@@ -39,11 +39,11 @@ def fine_tune(
     With ``checkpoints`` = N > 0, ``score(model)`` (higher is better; a held-out split, never the one
     reported) is taken at N evenly spaced steps, the last included, and the model ends with the weights of
     the best: ``load_best_model_at_end`` in transformers' Trainer. With ``average_last`` = K >= 2 as well, the
-    mean of the last K checkpoints' weights (checkpoint averaging, as in Vaswani et al. 2017 and "model soups")
-    is scored too and kept when it beats every single checkpoint. ``group_by_length`` draws batches of similar
+    model ends with the mean of the last K checkpoints' weights instead (checkpoint averaging, a fixed recipe
+    as in Vaswani et al. 2017; "model soups" for fine-tuning), and the mean's score is recorded. ``group_by_length`` draws batches of similar
     length (fewer padded tokens, so faster steps; :func:`autocompress.data.length_grouped`). Returns
     ``{"steps", "final_loss", "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"``
-    when selecting, and ``"average"`` ({"steps", "score", "kept"}) when averaging. A non-finite loss raises
+    when selecting, and ``"average"`` ({"steps", "score"}) when averaging. A non-finite loss raises
     :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
     """
     import torch
@@ -120,15 +120,14 @@ class _BestCheckpoint:
             self.best = (step, value, state)
 
     def restore(self, model: "nn.Module") -> dict[str, Any]:
-        step, best_value, state = self.best
+        step, _, state = self.best
         out: dict[str, Any] = {"checkpoints": self.seen, "best_step": step}
         if len(self.tail) >= 2:
+            # The mean is kept whatever validation says of it: picking between it and the best single
+            # checkpoint would be one more choice fitted to a noisy validation split.
             model.load_state_dict(average_states([s for _, s in self.tail]))
-            value = float(self.score(model))
-            kept = value > best_value  # ties keep the single checkpoint
-            out["average"] = {"steps": [s for s, _ in self.tail], "score": value, "kept": kept}
-            if kept:
-                return out
+            out["average"] = {"steps": [s for s, _ in self.tail], "score": float(self.score(model))}
+            return out
         model.load_state_dict(state)
         return out
 
