@@ -70,7 +70,19 @@ class Prepared:
             cache=self._cached,
             teacher_logits=self._teacher_logits,
             log=log,
+            fine_tune=self._fine_tune,
+            training_key=json.dumps({k: v for k, v in self.spec.recovery.model_dump(mode="json").items()
+                                     if k != "steps"} | {"seed": self.spec.seed}, sort_keys=True),
         )
+
+    def _fine_tune(self, model: "nn.Module", *, steps: int, hooks: list, learning_rate: float | None) -> dict[str, Any]:
+        from .train import fine_tune
+
+        r = self.spec.recovery
+        return fine_tune(model, self.train, steps=steps, batch_size=r.batch_size,
+                         learning_rate=r.learning_rate if learning_rate is None else learning_rate,
+                         warmup_ratio=r.warmup_ratio, seed=self.spec.seed, device=self.device, hooks=hooks,
+                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length)
 
     def _teacher_logits(self, batch: Mapping[str, Any]) -> Any:
         """Teacher logits per training example, computed once per baseline and kept on disk: each example
