@@ -70,7 +70,21 @@ class Prepared:
             cache=self._cached,
             teacher_logits=self._teacher_logits,
             log=log,
+            fine_tune=self.recovery_fine_tune,
+            training_key=json.dumps({k: v for k, v in self.spec.recovery.model_dump(mode="json").items()
+                                     if k != "steps"} | {"seed": self.spec.seed}, sort_keys=True),
         )
+
+    def recovery_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list,
+                           learning_rate: float | None = None) -> dict[str, Any]:
+        """The recovery trainer: a trial's recovery training, and ``TechniqueContext.fine_tune``."""
+        from .train import fine_tune
+
+        r = self.spec.recovery
+        return fine_tune(model, self.train, steps=steps, batch_size=r.batch_size,
+                         learning_rate=r.learning_rate if learning_rate is None else learning_rate,
+                         warmup_ratio=r.warmup_ratio, seed=self.spec.seed, device=self.device, hooks=hooks,
+                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length)
 
     def _teacher_logits(self, batch: Mapping[str, Any]) -> Any:
         """Teacher logits per training example, computed once per baseline and kept on disk: each example
@@ -394,7 +408,6 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
     from .modeling import config_snapshot
     from .pipeline import run_pipeline
     from .timing import compute_clock, excluded
-    from .train import fine_tune
 
     started = time.perf_counter()
     spec, registry = prep.spec, prep.registry
@@ -406,13 +419,10 @@ def run_trial(prep: Prepared, pipeline: Mapping[str, Mapping[str, Any]], *, save
     counted: dict[str, float] = {}
 
     def train(m: "nn.Module", hooks: list) -> dict[str, Any]:
-        r = spec.recovery
-        n = r.steps if recovery_steps is None else recovery_steps
+        n = spec.recovery.steps if recovery_steps is None else recovery_steps
         if n <= 0:
             return {"steps": 0}
-        return fine_tune(m, prep.train, steps=n, batch_size=r.batch_size, learning_rate=r.learning_rate,
-                         warmup_ratio=r.warmup_ratio, seed=spec.seed, device=prep.device, hooks=hooks,
-                         pad_token_id=prep.pad_token_id, group_by_length=r.group_by_length)
+        return prep.recovery_fine_tune(m, steps=n, hooks=hooks)
 
     def count_flops(m: "nn.Module") -> None:
         with excluded():

@@ -186,6 +186,8 @@ class TechniqueContext:
         | None = None,
         teacher_logits: Callable[[Mapping[str, Any]], "torch.Tensor"] | None = None,
         log: Callable[[str], None] | None = None,
+        fine_tune: Callable[..., dict[str, Any]] | None = None,
+        training_key: str = "",
     ) -> None:
         self.device = device
         self.seed = seed
@@ -194,6 +196,10 @@ class TechniqueContext:
         self._cache = cache
         self._teacher_logits = teacher_logits
         self._log = log
+        self._fine_tune = fine_tune
+        # What :meth:`fine_tune` depends on besides its arguments (batch size, batching, seed, schedule): a
+        # technique puts it in the key of what it trains and caches, so changing them recomputes it.
+        self.training_key = training_key
 
     def train_batches(self, n: int) -> Iterator[Mapping[str, Any]]:
         """Yield ``n`` labelled, tokenised training batches (dicts of tensors on ``device``), in a
@@ -228,6 +234,18 @@ class TechniqueContext:
         if self._cache is None:
             return compute()
         return self._cache(key, compute)
+
+    def fine_tune(self, model: "nn.Module", *, steps: int, hooks: "list[TrainingHooks] | tuple" = (),
+                  learning_rate: float | None = None) -> dict[str, Any]:
+        """Train ``model`` in place for ``steps`` optimiser steps on the training split with the engine's
+        trainer (cross-entropy plus the ``hooks``' loss terms; the recovery batch size, batching and seed;
+        ``learning_rate`` defaults to the recovery one). For preparation a technique does once and keeps with
+        :meth:`cached` (put :attr:`training_key` in the key), such as pre-distilling a student before trials
+        fine-tune it. Returns the trainer's statistics (``steps``, ``final_loss``, ``seconds``)."""
+        if self._fine_tune is None:
+            raise RuntimeError("this context cannot train a model (no training data); run the technique "
+                               "through the engine (autocompress search) or autocompress.testing.tiny_context")
+        return self._fine_tune(model, steps=steps, hooks=list(hooks), learning_rate=learning_rate)
 
     def log(self, message: str) -> None:
         if self._log is not None:

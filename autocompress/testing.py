@@ -90,10 +90,16 @@ def tiny_context(teacher: "nn.Module", enc: "Encoded", *, device: str = "cpu") -
                 return
             yield b
 
+    def train(model: "nn.Module", *, steps: int, hooks: list, learning_rate: float | None) -> dict[str, Any]:
+        from .train import fine_tune
+
+        return fine_tune(model, enc, steps=steps, batch_size=8, learning_rate=learning_rate or 1e-3, seed=0,
+                         device=device, hooks=hooks)
+
     frozen = copy.deepcopy(teacher).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    return TechniqueContext(device=device, train_batches=train_batches, teacher=lambda: frozen)
+    return TechniqueContext(device=device, train_batches=train_batches, teacher=lambda: frozen, fine_tune=train)
 
 
 def compress(model: "nn.Module", steps: Sequence[tuple[Technique, Mapping[str, Any]]], enc: "Encoded", *,

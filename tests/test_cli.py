@@ -211,3 +211,33 @@ def test_table_command_writes_markdown(tmp_path, tiny_model_dir, tiny_data_dir, 
     text = (tmp_path / "t.md").read_text()
     assert "Reproduce: `autocompress search" in text and "bs8 speed-up" in text
     assert text.count("\n| ") >= 3  # header + 2 trials
+
+
+def test_pre_distilled_student_grouped_batches_and_averaged_baseline_end_to_end(tmp_path, tiny_model_dir,
+                                                                                 tiny_data_dir, env):
+    """The options of the SST-2 benchmark spec through the real CLI: a baseline averaged over its last
+    checkpoints, length-grouped batches, and a student pre-distilled once and reused by later trials."""
+    techniques = "  distillation: {enabled: true, params: {depth: 0.5, alpha: [0.0, 0.9], pretrain_steps: 5}}\n"
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, trials=3, techniques=techniques)
+    text = spec.read_text().replace(
+        "baseline: {max_steps: 40, batch_size: 16, learning_rate: 3.0e-3}",
+        "baseline: {max_steps: 40, batch_size: 16, learning_rate: 3.0e-3, select_checkpoints: 4, "
+        "average_checkpoints: 2, group_by_length: true}").replace(
+        "recovery: {steps: 4, batch_size: 16}", "recovery: {steps: 4, batch_size: 16, group_by_length: true}")
+    spec.write_text(text)
+    out = cli("search", str(spec), cwd=tmp_path, env=env)
+    log = out.stdout + out.stderr
+    assert "the mean of the checkpoints of steps 30, 40: validation accuracy" in log
+    trials = json.loads((tmp_path / "results" / "tiny" / "trials.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    bdir = next((tmp_path / "cache" / "baselines").iterdir())
+    stats = json.loads((bdir / "train_stats.json").read_text())
+    assert stats["average"]["steps"] == [30, 40] and isinstance(stats["average"]["kept"], bool)
+    from safetensors import safe_open
+
+    keys = []
+    for f in (bdir / "cache").glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            keys.append((st.metadata() or {}).get("key", ""))
+    students = [k for k in keys if k.startswith("distillation/pre-distilled student/layers [0] of 2/5 steps")]
+    assert len(students) == 1, keys  # one student for the three trials (the trials' alphas differ)

@@ -370,3 +370,69 @@ def test_contract():
     testing.check_identity(TECH)
     testing.check_effect(TECH)
     testing.check_save_reload(TECH, registry)
+
+
+# -- pre-distillation (pretrain_steps) ------------------------------------------------------------------------
+
+
+class _CountingContext:
+    """A tiny context whose cache is a dict and whose trainer counts its calls."""
+
+    def __init__(self, teacher, enc):
+        base = testing.tiny_context(teacher, enc)
+        self.calls, self.store = [], {}
+
+        def fine_tune_counted(model, *, steps, hooks, learning_rate):
+            self.calls.append((steps, learning_rate, len(hooks)))
+            return base._fine_tune(model, steps=steps, hooks=hooks, learning_rate=learning_rate)
+
+        def cache(key, compute):
+            if key not in self.store:
+                self.store[key] = compute()
+            return self.store[key]
+
+        self.ctx = TechniqueContext(train_batches=base._train_batches, teacher=base._teacher, cache=cache,
+                                    fine_tune=fine_tune_counted, training_key="tiny")
+
+
+def test_pre_distillation_trains_the_student_once_and_later_trials_reuse_it(enc):
+    teacher = _teacher()
+    c = _CountingContext(teacher, enc)
+    params = _params(depth=0.5, pretrain_steps=6, pretrain_learning_rate=1e-3)
+    first, second = _student(teacher), _student(teacher)
+    plain = _student(teacher)
+    record = TECH.apply(first, params=params, ctx=c.ctx)
+    assert record == {"teacher_layers": 4, "kept_layers": [0, 3]}
+    assert c.calls == [(6, 1e-3, 1)]  # one trainer run, with the logit-KD hook
+    TECH.apply(second, params=params, ctx=c.ctx)
+    assert len(c.calls) == 1  # served from the cache
+    TECH.apply(plain, params=_params(depth=0.5), ctx=c.ctx)  # pretrain_steps 0: the kept layers as they were
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, second.state_dict()[k]), k
+    changed = [k for k, v in first.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
+    assert any("encoder.layer" in k for k in changed) and "classifier.weight" in changed
+
+
+def test_pre_distillation_key_follows_the_recipe(enc):
+    teacher = _teacher()
+    c = _CountingContext(teacher, enc)
+    TECH.apply(_student(teacher), params=_params(depth=0.5, pretrain_steps=2), ctx=c.ctx)
+    TECH.apply(_student(teacher), params=_params(depth=0.5, pretrain_steps=3), ctx=c.ctx)
+    TECH.apply(_student(teacher), params=_params(depth=0.67, pretrain_steps=2), ctx=c.ctx)
+    # the trial's own loss settings do not matter: pre-distillation has one fixed recipe
+    TECH.apply(_student(teacher), params=_params(depth=0.5, pretrain_steps=2, alpha=0.9, temperature=4.0), ctx=c.ctx)
+    assert [s for s, _, _ in c.calls] == [2, 3, 2]
+    assert len(c.store) == 3
+
+
+def test_pre_distillation_is_skipped_at_full_depth(enc):
+    teacher = _teacher()
+    c = _CountingContext(teacher, enc)
+    model = _student(teacher)
+    assert TECH.apply(model, params=_params(depth=1.0, pretrain_steps=5), ctx=c.ctx) is None
+    assert c.calls == []
+
+
+def test_a_context_without_a_trainer_says_so():
+    with pytest.raises(RuntimeError, match="cannot train a model"):
+        TechniqueContext().fine_tune(make_tiny_classifier(), steps=1)
