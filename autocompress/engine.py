@@ -257,6 +257,11 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
         log(f"Reusing the cached fine-tuned baseline {bdir}")
         model = AutoModelForSequenceClassification.from_pretrained(str(bdir / "model"))
         return model.to(device).eval(), bdir, key
+    import torch
+
+    # The new classification head is drawn from torch's global generator: seeded here, a cold cache fine-tunes
+    # the same baseline on every machine and run (it did not before session 10: only the training was seeded).
+    torch.manual_seed(spec.seed)
     model = load_base_classifier(spec.model, label_names=data.label_names)
     b = spec.baseline
     steps = steps_for(examples=len(train), batch_size=b.batch_size, epochs=b.epochs, max_steps=b.max_steps)

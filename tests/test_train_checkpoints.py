@@ -132,3 +132,26 @@ def test_cache_key_of_baselines_without_the_later_options_is_unchanged(tmp_path,
     for extra in ("baseline.average_checkpoints=2", "baseline.group_by_length=true"):
         other = load_spec(path, overrides=["baseline.select_checkpoints=3", extra])
         assert engine.baseline_location(other, data)[0] != key, extra
+
+
+def test_a_cold_cache_fine_tunes_the_same_baseline_every_time(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                              monkeypatch):
+    """The baseline's new classification head is seeded, not drawn from wherever torch's generator stood."""
+    from conftest import write_tiny_spec
+
+    from autocompress.data import encode, load_task_data
+    from autocompress.modeling import load_tokenizer
+
+    spec = load_spec(write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir),
+                     overrides=["baseline.max_steps=4"])
+    data = load_task_data(spec.data, seed=spec.seed)
+    tok = load_tokenizer(spec.model)
+    train = encode(data.train, tok, max_length=spec.model.max_length, cache_dir=None)
+    weights = []
+    for run in range(2):
+        monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / f"cache{run}"))
+        torch.rand(run * 7 + 1)  # the generator stands elsewhere in each run
+        model, _, _ = engine.get_baseline(spec, data, train, tokenizer=tok, device="cpu", pad_token_id=0,
+                                          log=lambda s: None)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
