@@ -260,7 +260,7 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
     import torch
 
     # The new classification head is drawn from torch's global generator: seeded here, a cold cache fine-tunes
-    # the same baseline on every machine and run (it did not before session 10: only the training was seeded).
+    # the same baseline on every machine and run (before 21dcf52 only the training was seeded).
     torch.manual_seed(spec.seed)
     model = load_base_classifier(spec.model, label_names=data.label_names)
     b = spec.baseline

@@ -40,8 +40,9 @@ def fine_tune(
     reported) is taken at N evenly spaced steps, the last included, and the model ends with the weights of
     the best: ``load_best_model_at_end`` in transformers' Trainer. With ``average_last`` = K >= 2 as well, the
     model ends with the mean of the last K checkpoints' weights instead (checkpoint averaging, a fixed recipe
-    as in Vaswani et al. 2017; "model soups" for fine-tuning), and the mean's score is recorded. ``group_by_length`` draws batches of similar
-    length (fewer padded tokens, so faster steps; :func:`autocompress.data.length_grouped`). Returns
+    as in Vaswani et al. 2017; "model soups" for fine-tuning), and the mean's score is recorded.
+    ``group_by_length`` draws batches of similar length (fewer padded tokens, so faster steps;
+    :func:`autocompress.data.length_grouped`). Returns
     ``{"steps", "final_loss", "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"``
     when selecting, and ``"average"`` ({"steps", "score"}) when averaging. A non-finite loss raises
     :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
@@ -97,7 +98,7 @@ def fine_tune(
 
 class _BestCheckpoint:
     """Scores the model at evenly spaced steps and keeps a CPU copy of the best weights (and of the last
-    ``average_last``, to score their mean at the end)."""
+    ``average_last``, whose mean the model ends with)."""
 
     def __init__(self, steps: int, n: int, score: Callable[["nn.Module"], float], *, average_last: int = 0) -> None:
         n = min(n, steps)
