@@ -112,13 +112,11 @@ class _BestCheckpoint:
         value = float(self.score(model))
         model.train()  # scoring switched it to eval
         self.seen.append([step, value])
-        state = None
         if step in self.averaged:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.tail.append((step, state))
+            self.tail.append((step, _snapshot(model)))
         if self.best is None or value > self.best[1]:
-            state = state or {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best = (step, value, state)
+            # When averaging, the best single checkpoint is only reported: no copy of its weights is needed.
+            self.best = (step, value, None if self.averaged else _snapshot(model))
 
     def restore(self, model: "nn.Module") -> dict[str, Any]:
         step, _, state = self.best
@@ -131,6 +129,10 @@ class _BestCheckpoint:
             return out
         model.load_state_dict(state)
         return out
+
+
+def _snapshot(model: "nn.Module") -> dict[str, Any]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def average_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
