@@ -91,6 +91,20 @@ def evaluate_targets(joint: Sequence[Point], singles: Mapping[str, Sequence[Poin
     v, p = _best(ok_points, lambda q: _num(q.get("latency_bs1")), largest=False)
     out.append(_target("bs1 latency (ms/sentence)", "<= 1.5", v, v is not None and v <= 1.5, p,
                        f"fp32 baseline: {b1:.2f} ms" if b1 else ""))
+    # The same two targets in the runtime a user deploys to: the joint front's points as exported to ONNX Runtime
+    # (``onnxruntime`` timings, taken when the front is timed there), against the ONNX Runtime int8 peer.
+    def ort(key: str) -> Any:
+        return lambda q: _num((q.get("onnxruntime") or {}).get(key))
+
+    timed = any(q.get("onnxruntime") for q in ok_points)
+    why = "" if timed else "no joint point within 1 point was timed in ONNX Runtime"
+    v, p = _best(ok_points, lambda q: (ort8 / t) if ort8 and (t := ort(latency)(q)) else None, largest=True)
+    out.append(_target(f"{bs} throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime", ">= 3x",
+                       v, v is not None and v >= 3.0, p, why or ("" if ort8 else "ONNX Runtime int8 peer not measured")))
+    v, p = _best(ok_points, ort("latency_bs1"), largest=False)
+    ortb1 = _num((peers.get("onnxruntime_fp32") or {}).get("latency_bs1"))
+    out.append(_target("bs1 latency (ms/sentence) in ONNX Runtime", "<= 1.5", v, v is not None and v <= 1.5, p,
+                       why or (f"fp32 baseline in ONNX Runtime: {ortb1:.2f} ms" if ortb1 else "")))
     bsize = _num(base.get("size_mb"))
     v, p = _best(ok_points, ratio(bsize, "size_mb"), largest=True)
     out.append(_target("size vs fp32 baseline", ">= 10x smaller", v, v is not None and v >= 10.0, p))
@@ -244,7 +258,7 @@ def report_md(summary: Mapping[str, Any]) -> str:
              "## Targets (joint front, at <= 1.0 point held-out drop)", "",
              "| target | goal | measured | met | point | note |", "|---|---|---:|---|---|---|"]
     for t in summary["targets"]:
-        lines.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'], '.3g')} | {'yes' if t['met'] else '**no**'} "
+        lines.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'], '.4g')} | {'yes' if t['met'] else '**no**'} "
                      f"| {t['point'] or ''} | {t['note']} |")
     prof = summary.get("profile")
     if prof:

@@ -38,6 +38,24 @@ def test_targets_are_read_at_one_point_of_drop_and_say_what_was_measured():
     assert not t["joint front hypervolume > every single-technique front"]["met"]  # same front: not greater
     assert not t["engine overhead (share of trial wall time)"]["met"]
     assert t["joint search wall time (minutes)"]["met"] and t["fp32 baseline held-out accuracy"]["met"]
+    # The front was not timed in ONNX Runtime: those rows say so instead of inventing a figure.
+    in_ort = t["bs1 latency (ms/sentence) in ONNX Runtime"]
+    assert in_ort["measured"] is None and not in_ort["met"] and in_ort["note"].startswith("no joint point")
+
+
+def test_the_deployment_targets_are_also_read_in_onnx_runtime():
+    ok = {"label": "b", "eval_accuracy": 0.895, "latency_bs32": 2.0, "latency_bs1": 4.0, "size_mb": 8.0,
+          "onnxruntime": {"latency_bs32": 0.8, "latency_bs1": 1.2}}
+    slower = {**ok, "label": "c", "onnxruntime": {"latency_bs32": 1.6, "latency_bs1": 1.0}}
+    peers = {"onnxruntime_int8": {"latency_bs32": 2.5}, "onnxruntime_fp32": {"latency_bs1": 5.0}}
+    t = {x["target"]: x for x in evaluate_targets([ok, slower], {}, BASE, peers, joint_minutes=1.0, overhead=0.0)}
+    vs_ort8 = t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime"]
+    assert vs_ort8["measured"] == pytest.approx(2.5 / 0.8) and vs_ort8["met"] and vs_ort8["point"] == "b"
+    bs1 = t["bs1 latency (ms/sentence) in ONNX Runtime"]
+    assert bs1["measured"] == pytest.approx(1.0) and bs1["met"] and bs1["point"] == "c"
+    assert "5.00 ms" in bs1["note"]
+    # PyTorch eager rows are unchanged by the ONNX Runtime timings.
+    assert not t["bs1 latency (ms/sentence)"]["met"] and t["bs1 latency (ms/sentence)"]["measured"] == 4.0
 
 
 def test_plot_data_sorts_each_front_and_places_peers():
