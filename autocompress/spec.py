@@ -374,7 +374,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path | None = None, *, data: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> Spec:
-    """Read, override and validate a spec (structure only; see :func:`check_techniques`)."""
+    """Read, override and validate a spec (structure only: technique names and parameters are checked against
+    the registry by :func:`autocompress.space.resolve_space`)."""
     raw = read_yaml(path) if data is None else json.loads(json.dumps(data))
     raw = apply_overrides(raw, overrides)
     try:
