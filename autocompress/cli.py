@@ -112,6 +112,34 @@ def bench(
               onnx_front=onnx_front, data=data, command=command, log=_log)
 
 
+@app.command()
+def baseline(
+    spec_file: Path = typer.Argument(..., help="Search spec YAML whose model, data and baseline recipe to use."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task data directory or file (sets data.path)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a spec key: KEY=VALUE (e.g. baseline.learning_rate=5e-5)."),
+    plugin: Optional[List[str]] = PluginOpt,
+) -> None:
+    """Fine-tune (or reuse the cached) baseline of a spec and show how good it is: each checkpoint's validation
+    accuracy, then the kept model's validation and held-out scores, latency and size. It warms the cache that
+    search and bench reuse; compare recipes on validation, not on the held-out split."""
+    from .engine import measure_baseline, prepare
+    from .search import _baseline_line
+    from .spec import load_spec
+
+    overrides = list(set_ or []) + ([f"data.path={json.dumps(data)}"] if data is not None else [])
+    registry = _registry(plugin)
+    spec = load_spec(spec_file, overrides=overrides)
+    prep = prepare(spec, registry, log=_log)
+    stats_file = prep.baseline_dir / "train_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    for step, score in stats.get("checkpoints") or []:
+        out.print(f"checkpoint of step {step}: validation accuracy {score * 100:.2f}", highlight=False, soft_wrap=True)
+    if stats.get("average"):
+        out.print(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}", highlight=False, soft_wrap=True)
+    out.print(_baseline_line(measure_baseline(prep), spec), highlight=False, soft_wrap=True)
+    out.print(f"Cached in {prep.baseline_dir} (key {prep.baseline_key})", highlight=False, soft_wrap=True)
+
+
 @app.command("bench-compare")
 def bench_compare(
     run_a: Path = typer.Argument(..., help="Benchmark folder (or its summary.json) of run A, e.g. results/sst2-minilm."),

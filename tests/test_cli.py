@@ -241,3 +241,21 @@ def test_pre_distilled_student_grouped_batches_and_averaged_baseline_end_to_end(
             keys.append((st.metadata() or {}).get("key", ""))
     students = [k for k in keys if k.startswith("distillation/pre-distilled student/layers [0] of 2/5 steps")]
     assert len(students) == 1, keys  # one student for the three trials (the trials' alphas differ)
+
+
+def test_baseline_command_fine_tunes_once_and_warms_the_cache_search_reuses(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                            env):
+    spec = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir, trials=1)
+    first = cli("baseline", str(spec), "--set", "baseline.select_checkpoints=2", cwd=tmp_path, env=env)
+    assert "Fine-tuning the baseline" in first.stderr
+    lines = first.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["checkpoint of step 20", "checkpoint of step 40"], first.stdout
+    assert any(ln.startswith("Baseline: val acc ") and " eval acc " in ln for ln in lines)
+    key = next((tmp_path / "cache" / "baselines").iterdir()).name
+    assert f"(key {key})" in first.stdout
+    again = cli("baseline", str(spec), "--set", "baseline.select_checkpoints=2", cwd=tmp_path, env=env)
+    assert "Reusing the cached fine-tuned baseline" in again.stderr and "Fine-tuning" not in again.stderr
+    searched = cli("search", str(spec), "--set", "baseline.select_checkpoints=2", cwd=tmp_path, env=env)
+    assert "Reusing the cached fine-tuned baseline" in searched.stdout + searched.stderr
+    bad = cli("baseline", str(tmp_path / "missing.yaml"), cwd=tmp_path, env=env, check=False)
+    assert bad.returncode != 0 and "missing.yaml" in bad.stderr
