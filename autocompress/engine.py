@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
     from .data import Encoded, TaskData
 
+# ``ctx.fine_tune`` runs this long or longer report their progress (a trial's recovery is a few hundred steps).
+LONG_FINE_TUNE_STEPS = 1000
+
 def _subset_encoded(enc: "Encoded", index: Any) -> "Encoded":
     from .data import Encoded
 
@@ -57,6 +60,9 @@ class Prepared:
     baseline_key: str
     pad_token_id: int
     notes: list[str] = field(default_factory=list)
+    # Where a technique's one-time preparation reports (``ctx.log`` and the progress of ``ctx.fine_tune``): a
+    # pre-distilled student takes tens of minutes, which a search must not spend in silence.
+    log: Callable[[str], None] | None = None
     _teacher: Any = None
     _memo: dict[str, Any] = field(default_factory=dict)
 
@@ -69,14 +75,15 @@ class Prepared:
             teacher=self._get_teacher,
             cache=self._cached,
             teacher_logits=self._teacher_logits,
-            log=log,
-            fine_tune=self.recovery_fine_tune,
+            log=log or self.log,
+            fine_tune=self._context_fine_tune,
             training_key=json.dumps({k: v for k, v in self.spec.recovery.model_dump(mode="json").items()
                                      if k != "steps"} | {"seed": self.spec.seed}, sort_keys=True),
         )
 
     def recovery_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list,
-                           learning_rate: float | None = None) -> dict[str, Any]:
+                           learning_rate: float | None = None,
+                           on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
         """The recovery trainer: a trial's recovery training, and ``TechniqueContext.fine_tune``."""
         from .train import fine_tune
 
@@ -84,7 +91,15 @@ class Prepared:
         return fine_tune(model, self.train, steps=steps, batch_size=r.batch_size,
                          learning_rate=r.learning_rate if learning_rate is None else learning_rate,
                          warmup_ratio=r.warmup_ratio, seed=self.spec.seed, device=self.device, hooks=hooks,
-                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length)
+                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length, on_step=on_step)
+
+    def _context_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list,
+                           learning_rate: float | None = None) -> dict[str, Any]:
+        """``TechniqueContext.fine_tune``: the recovery trainer, with step progress for long runs (a technique's
+        one-time preparation, such as a pre-distilled student; a trial's few hundred steps stay quiet)."""
+        long_run = self.log is not None and steps >= LONG_FINE_TUNE_STEPS
+        return self.recovery_fine_tune(model, steps=steps, hooks=hooks, learning_rate=learning_rate,
+                                       on_step=_step_reporter(self.log, steps) if long_run else None)
 
     def _teacher_logits(self, batch: Mapping[str, Any]) -> Any:
         """Teacher logits per training example, computed once per baseline and kept on disk: each example
@@ -206,7 +221,7 @@ def prepare(spec: Spec, registry: Registry, *, log: Callable[[str], None] = prin
     baseline, bdir, key = get_baseline(spec, data, train, tokenizer=tokenizer, device=device, pad_token_id=pad, log=log,
                                        validation=validation)
     return Prepared(spec, registry, device, data, tokenizer, train, validation, evaluation, latency_sets,
-                    baseline, bdir, key, pad, notes)
+                    baseline, bdir, key, pad, notes, log=log)
 
 
 def encode_latency_sets(spec: Spec, evaluation: Any, tokenizer: Any, *, cache_dir: Path) -> dict[int, "Encoded"]:

@@ -228,6 +228,8 @@ def test_pre_distilled_student_grouped_batches_and_averaged_baseline_end_to_end(
     out = cli("search", str(spec), cwd=tmp_path, env=env)
     log = out.stdout + out.stderr
     assert "kept the mean of the checkpoints of steps 30, 40: validation accuracy" in log
+    # The one-time pre-distillation is announced in the search's log, once for the three trials.
+    assert log.count("distillation: pre-distilling the 1-layer student for 5 steps") == 1, log
     trials = json.loads((tmp_path / "results" / "tiny" / "trials.json").read_text())["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE"] * 3
     bdir = next((tmp_path / "cache" / "baselines").iterdir())

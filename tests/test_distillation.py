@@ -436,3 +436,28 @@ def test_pre_distillation_is_skipped_at_full_depth(enc):
 def test_a_context_without_a_trainer_says_so():
     with pytest.raises(RuntimeError, match="cannot train a model"):
         TechniqueContext().fine_tune(make_tiny_classifier(), steps=1)
+
+
+def test_a_long_context_fine_tune_reports_progress_and_technique_logs_reach_the_search_log(
+        tmp_path, tiny_model_dir, tiny_data_dir, isolated_cache, monkeypatch):
+    """A pre-distilled student takes tens of minutes on SST-2: the search's log says so and shows its steps,
+    while a trial's short recovery stays quiet."""
+    import autocompress.engine as engine
+    from autocompress.engine import prepare
+    from autocompress.registry import load_registry
+    from autocompress.spec import load_spec
+    from conftest import write_tiny_spec
+
+    lines: list[str] = []
+    spec = load_spec(write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir))
+    prep = prepare(spec, load_registry(), log=lines.append)
+    ctx = prep.technique_context()
+    ctx.log("distillation: a message from a technique")
+    assert lines[-1] == "distillation: a message from a technique"
+    monkeypatch.setattr(engine, "LONG_FINE_TUNE_STEPS", 10)
+    before = len(lines)
+    ctx.fine_tune(copy.deepcopy(prep.baseline), steps=9)
+    assert len(lines) == before  # short: no progress lines
+    ctx.fine_tune(copy.deepcopy(prep.baseline), steps=10)
+    steps = [ln for ln in lines[before:] if ln.strip().startswith("step ")]
+    assert steps and steps[-1].strip().startswith("step 10/10"), lines[before:]
