@@ -132,12 +132,13 @@ def baseline(
     prep = prepare(spec, registry, log=_log)
     stats_file = prep.baseline_dir / "train_stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    for step, score in stats.get("checkpoints") or []:
-        out.print(f"checkpoint of step {step}: validation accuracy {score * 100:.2f}", highlight=False, soft_wrap=True)
+    lines = [f"checkpoint of step {step}: validation accuracy {score * 100:.2f}"
+             for step, score in stats.get("checkpoints") or []]
     if stats.get("average"):
-        out.print(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}", highlight=False, soft_wrap=True)
-    out.print(_baseline_line(measure_baseline(prep), spec), highlight=False, soft_wrap=True)
-    out.print(f"Cached in {prep.baseline_dir} (key {prep.baseline_key})", highlight=False, soft_wrap=True)
+        lines.append(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}")
+    lines += [_baseline_line(measure_baseline(prep), spec), f"Cached in {prep.baseline_dir} (key {prep.baseline_key})"]
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("bench-compare")

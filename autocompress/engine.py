@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # ``ctx.fine_tune`` runs this long or longer report their progress (a trial's recovery is a few hundred steps).
 LONG_FINE_TUNE_STEPS = 1000
 
+
 def _subset_encoded(enc: "Encoded", index: Any) -> "Encoded":
     from .data import Encoded
 
