@@ -84,7 +84,7 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_
     assert summary["latency_metric"] == "latency_bs8"
     for peer in summary["peers"].values():
         assert peer["latency_bs8"] > 0 and peer["size_mb"] > 0 and 0 <= peer["eval_accuracy"] <= 1
-    assert len(summary["targets"]) == 8 and all("measured" in t and "met" in t for t in summary["targets"])
+    assert len(summary["targets"]) == 10 and all("measured" in t and "met" in t for t in summary["targets"])
     assert set(summary["phases_seconds"]) >= {"search: joint", "search: head_pruning", "search: quantization"}
     assert 0 <= summary["engine_overhead_median"] < 1  # every trial records compute vs wall time
     assert (out / "bench.png").stat().st_size > 1000
