@@ -15,10 +15,18 @@ rebuilds the reduced depth from them. ``depth`` 1.0 keeps every layer and record
 
 Pre-distillation (``pretrain_steps`` > 0, off by default). A trial's recovery budget (a few hundred steps)
 cannot distil a much shallower student. With ``pretrain_steps`` the reduced student is first distilled
-for that many steps on the whole training split (logit KD at a fixed alpha 0.5 and T 2, the trainer of
-``ctx.fine_tune``), once per baseline, depth and recipe: the weights are kept with ``ctx.cached`` and every
-later trial of that depth starts from them, then goes through the other techniques and its own recovery
-training (with the trial's own losses) as usual. The first trial of a depth pays for it.
+for that many steps on the whole training split (the trainer of ``ctx.fine_tune``), once per baseline,
+depth and recipe: the weights are kept with ``ctx.cached`` and every later trial of that depth starts from
+them, then goes through the other techniques and its own recovery training (with the trial's own losses)
+as usual. The first trial of a depth pays for it. Two fixed recipes (``pretrain_recipe``):
+
+* ``logit``: logit KD at alpha 0.5 and T 2 for all the steps.
+* ``tinybert``: TinyBERT's two-stage task distillation. First half of the steps: intermediate-layer
+  distillation only (hidden-state MSE with the embeddings, and attention-map MSE; no task loss, no logits),
+  so each student layer learns to do what its teacher layer did; second half: prediction-layer
+  distillation (soft cross-entropy against the teacher, alpha 1 at T 1). TinyBERT found the intermediate
+  stage essential for small students (its ablation lost most on SST-2 without it). It costs a teacher
+  forward pass per step in the first stage.
 
 Losses (``training_hooks``; they change accuracy, not cost):
 
@@ -58,6 +66,7 @@ changes depth after distillation would break the map; ``training_hooks`` then ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -77,6 +86,7 @@ PRE_DISTIL_TEMPERATURE = 2.0
 # Keys of a training batch that the teacher's forward takes (labels and example_index are not inputs).
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 HIDDEN_LOSSES = ("none", "cosine", "tinybert")
+PRE_DISTIL_RECIPES = ("logit", "tinybert")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,6 +211,28 @@ def teacher_states(teacher: nn.Module, batch: Mapping[str, Any], *, attentions: 
             config._attn_implementation = saved
 
 
+def pre_distil_stages(recipe: str, steps: int, *,
+                      depth: float) -> list[tuple[str, int, dict[str, Any], float | None]]:
+    """The stages of a pre-distillation recipe: ``(name, steps, loss params, task loss weight or None for
+    the params' own)``; stages of 0 steps are left out."""
+    if recipe == "logit":
+        stages = [("logit KD", steps, {"depth": depth, "alpha": PRE_DISTIL_ALPHA,
+                                       "temperature": PRE_DISTIL_TEMPERATURE, "hidden_loss": "none"}, None)]
+    elif recipe == "tinybert":
+        first = steps // 2
+        stages = [
+            # TinyBERT's intermediate-layer stage has no task loss: the student only imitates the teacher's
+            # embeddings, hidden states and attention maps.
+            ("intermediate", first, {"depth": depth, "alpha": 0.0, "hidden_loss": "tinybert",
+                                     "attention_loss": True, "hidden_weight": 1.0}, 0.0),
+            ("prediction", steps - first, {"depth": depth, "alpha": 1.0, "temperature": 1.0,
+                                           "hidden_loss": "none"}, None),
+        ]
+    else:
+        raise ValueError(f"unknown pretrain_recipe {recipe!r}; use one of {PRE_DISTIL_RECIPES}")
+    return [stage for stage in stages if stage[1] > 0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The technique
 # ----------------------------------------------------------------------------------------------------------
@@ -231,6 +263,9 @@ class Distillation(Technique):
                       "and start every trial of that depth from it (0 = start from the kept teacher layers)"),
         FloatParam("pretrain_learning_rate", 1e-6, 1e-2, 1e-4, log=True, searched=False,
                    help="learning rate of the pre-distillation"),
+        CategoricalParam("pretrain_recipe", PRE_DISTIL_RECIPES, "logit", searched=False,
+                         help="pre-distillation losses: logit KD throughout, or TinyBERT's two stages "
+                              "(hidden-state + attention MSE for half the steps, then soft logits)"),
     )
     requires = frozenset({Requirement.TEACHER})
     reduces = frozenset({"params", "flops", "latency", "size"})  # from depth reduction only
@@ -275,18 +310,28 @@ class Distillation(Technique):
         """Task-specific distillation of the student before any other technique, once per baseline, depth
         and recipe: a trial's few hundred recovery steps cannot distil a shallow student (a 3-layer student
         lost 2.4-3.1 points after 300), thousands can, and every trial of that depth then starts from it."""
-        steps, lr = int(p["pretrain_steps"]), float(p["pretrain_learning_rate"])
-        recipe = {"depth": p["depth"], "alpha": PRE_DISTIL_ALPHA, "temperature": PRE_DISTIL_TEMPERATURE,
-                  "hidden_loss": "none"}
-        key = (f"distillation/pre-distilled student/layers {keep} of {n}/{steps} steps/lr {lr:g}/"
-               f"alpha {PRE_DISTIL_ALPHA} T {PRE_DISTIL_TEMPERATURE}/{ctx.training_key}/v1")
+        steps, lr, recipe = int(p["pretrain_steps"]), float(p["pretrain_learning_rate"]), str(p["pretrain_recipe"])
+        stages = pre_distil_stages(recipe, steps, depth=float(p["depth"]))
+        if recipe == "logit":  # the key it had before there were recipes, so cached students stay valid
+            what = f"alpha {PRE_DISTIL_ALPHA} T {PRE_DISTIL_TEMPERATURE}"
+        else:
+            what = f"{recipe}: " + ", then ".join(f"{s} steps {name}" for name, s, _, _ in stages)
+        key = (f"distillation/pre-distilled student/layers {keep} of {n}/{steps} steps/lr {lr:g}/{what}/"
+               f"{ctx.training_key}/v1")
 
         def compute() -> dict[str, torch.Tensor]:
-            ctx.log(f"distillation: pre-distilling the {len(keep)}-layer student for {steps} steps (once; cached "
-                    "for every later trial of this depth)")
-            hooks = self.training_hooks(model, params=recipe, ctx=ctx)
-            stats = ctx.fine_tune(model, steps=steps, hooks=[hooks] if hooks else [], learning_rate=lr)
-            ctx.log(f"distillation: pre-distilled in {stats.get('seconds', 0.0):.0f}s")
+            ctx.log(f"distillation: pre-distilling the {len(keep)}-layer student for {steps} steps ({recipe} "
+                    "recipe; once, cached for every later trial of this depth)")
+            seconds = 0.0
+            for name, stage_steps, params, task_weight in stages:
+                hooks = self.training_hooks(model, params=params, ctx=ctx)
+                if hooks is not None and task_weight is not None:
+                    hooks = dataclasses.replace(hooks, task_loss_weight=task_weight)
+                if len(stages) > 1:
+                    ctx.log(f"distillation: {name} stage, {stage_steps} steps")
+                stats = ctx.fine_tune(model, steps=stage_steps, hooks=[hooks] if hooks else [], learning_rate=lr)
+                seconds += float(stats.get("seconds", 0.0))
+            ctx.log(f"distillation: pre-distilled in {seconds:.0f}s")
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         state = ctx.cached(key, compute)

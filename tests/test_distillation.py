@@ -14,6 +14,7 @@ from autocompress.surgery import encoder_layers, head_counts, prune_heads
 from autocompress.technique import TechniqueContext
 from autocompress.tiny import make_tiny_classifier
 from autocompress.train import fine_tune
+import plugins.distillation as distillation
 from plugins.distillation import (Distillation, attention_map_loss, hidden_state_loss, kept_layers,
                                   logit_kd_loss, teacher_states)
 
@@ -382,8 +383,11 @@ class _CountingContext:
         base = testing.tiny_context(teacher, enc)
         self.calls, self.store = [], {}
 
+        self.hooks = []
+
         def fine_tune_counted(model, *, steps, hooks, learning_rate):
             self.calls.append((steps, learning_rate, len(hooks)))
+            self.hooks.append(list(hooks))
             return base._fine_tune(model, steps=steps, hooks=hooks, learning_rate=learning_rate)
 
         def cache(key, compute):
@@ -423,6 +427,35 @@ def test_pre_distillation_key_follows_the_recipe(enc):
     TECH.apply(_student(teacher), params=_params(depth=0.5, pretrain_steps=2, alpha=0.9, temperature=4.0), ctx=c.ctx)
     assert [s for s, _, _ in c.calls] == [2, 3, 2]
     assert len(c.store) == 3
+
+
+def test_pre_distillation_recipes_and_their_stages():
+    (only,) = distillation.pre_distil_stages("logit", 10, depth=0.5)
+    assert only[1] == 10 and only[2]["alpha"] == 0.5 and only[3] is None
+    inter, pred = distillation.pre_distil_stages("tinybert", 11, depth=0.5)
+    assert (inter[0], inter[1], pred[0], pred[1]) == ("intermediate", 5, "prediction", 6)
+    assert inter[2]["hidden_loss"] == "tinybert" and inter[2]["attention_loss"] and inter[3] == 0.0
+    assert pred[2]["alpha"] == 1.0 and pred[2]["hidden_loss"] == "none"
+    assert [s[0] for s in distillation.pre_distil_stages("tinybert", 1, depth=0.5)] == ["prediction"]
+    with pytest.raises(ValueError, match="pretrain_recipe"):
+        distillation.pre_distil_stages("bogus", 4, depth=0.5)
+
+
+def test_tinybert_pre_distillation_imitates_layers_then_logits(enc):
+    teacher = _teacher()
+    c = _CountingContext(teacher, enc)
+    logit = _student(teacher)
+    TECH.apply(logit, params=_params(depth=0.5, pretrain_steps=4, pretrain_learning_rate=1e-3), ctx=c.ctx)
+    tiny = _student(teacher)
+    TECH.apply(tiny, params=_params(depth=0.5, pretrain_steps=4, pretrain_learning_rate=1e-3,
+                                    pretrain_recipe="tinybert"), ctx=c.ctx)
+    assert [s for s, _, _ in c.calls] == [4, 2, 2] and len(c.store) == 2  # its own cache entry
+    (inter,), (pred,) = c.hooks[1], c.hooks[2]
+    assert inter.task_loss_weight == 0.0 and inter.output_hidden_states and inter.output_attentions
+    assert pred.task_loss_weight == 0.0 and not pred.output_hidden_states  # alpha 1: soft targets only
+    assert any(not torch.equal(v, logit.state_dict()[k]) for k, v in tiny.state_dict().items())
+    with pytest.raises(ValueError, match="pretrain_recipe"):
+        TECH.apply(_student(teacher), params=_params(depth=0.5, pretrain_steps=4, pretrain_recipe="x"), ctx=c.ctx)
 
 
 def test_pre_distillation_is_skipped_at_full_depth(enc):
