@@ -24,8 +24,8 @@ as usual. The first trial of a depth pays for it. Two fixed recipes (``pretrain_
 * ``tinybert``: TinyBERT's two-stage task distillation. First half of the steps: intermediate-layer
   distillation only (hidden-state MSE with the embeddings, and attention-map MSE; no task loss, no logits),
   so each student layer learns to do what its teacher layer did; second half: prediction-layer
-  distillation (soft cross-entropy against the teacher, alpha 1 at T 1). TinyBERT found the intermediate
-  stage essential for small students (its ablation lost most on SST-2 without it). It costs a teacher
+  distillation (soft cross-entropy against the teacher, alpha 1 at T 1). TinyBERT's ablations found the
+  intermediate-layer losses the most important of its objectives for small students. It costs a teacher
   forward pass per step in the first stage.
 
 Losses (``training_hooks``; they change accuracy, not cost):
