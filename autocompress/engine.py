@@ -8,6 +8,7 @@ transforms -> saved (safetensors + recipe) -> measured exactly like the baseline
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -69,6 +70,7 @@ class Prepared:
 
     # -- technique context ------------------------------------------------------------------------------
     def technique_context(self, *, log: Callable[[str], None] | None = None) -> TechniqueContext:
+        sink = log or self.log  # one sink for a technique's own lines and its long fine-tunes' progress
         return TechniqueContext(
             device=self.device,
             seed=self.spec.seed,
@@ -76,8 +78,8 @@ class Prepared:
             teacher=self._get_teacher,
             cache=self._cached,
             teacher_logits=self._teacher_logits,
-            log=log or self.log,
-            fine_tune=self._context_fine_tune,
+            log=sink,
+            fine_tune=functools.partial(self._context_fine_tune, log=sink),
             training_key=json.dumps({k: v for k, v in self.spec.recovery.model_dump(mode="json").items()
                                      if k != "steps"} | {"seed": self.spec.seed}, sort_keys=True),
         )
@@ -94,13 +96,13 @@ class Prepared:
                          warmup_ratio=r.warmup_ratio, seed=self.spec.seed, device=self.device, hooks=hooks,
                          pad_token_id=self.pad_token_id, group_by_length=r.group_by_length, on_step=on_step)
 
-    def _context_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list,
-                           learning_rate: float | None = None) -> dict[str, Any]:
-        """``TechniqueContext.fine_tune``: the recovery trainer, with step progress for long runs (a technique's
-        one-time preparation, such as a pre-distilled student; a trial's few hundred steps stay quiet)."""
-        long_run = self.log is not None and steps >= LONG_FINE_TUNE_STEPS
+    def _context_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list, learning_rate: float | None = None,
+                           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """``TechniqueContext.fine_tune``: the recovery trainer, with step progress in ``log`` for long runs (a
+        technique's one-time preparation, such as a pre-distilled student; a trial's few hundred steps stay quiet)."""
+        long_run = log is not None and steps >= LONG_FINE_TUNE_STEPS
         return self.recovery_fine_tune(model, steps=steps, hooks=hooks, learning_rate=learning_rate,
-                                       on_step=_step_reporter(self.log, steps) if long_run else None)
+                                       on_step=_step_reporter(log, steps) if long_run else None)
 
     def _teacher_logits(self, batch: Mapping[str, Any]) -> Any:
         """Teacher logits per training example, computed once per baseline and kept on disk: each example

@@ -494,3 +494,8 @@ def test_a_long_context_fine_tune_reports_progress_and_technique_logs_reach_the_
     ctx.fine_tune(copy.deepcopy(prep.baseline), steps=10)
     steps = [ln for ln in lines[before:] if ln.strip().startswith("step ")]
     assert steps and steps[-1].strip().startswith("step 10/10"), lines[before:]
+    # a context given its own log reports its progress there too, not to the search's
+    own: list[str] = []
+    before = len(lines)
+    prep.technique_context(log=own.append).fine_tune(copy.deepcopy(prep.baseline), steps=10)
+    assert len(lines) == before and any(ln.strip().startswith("step 10/10") for ln in own), own
