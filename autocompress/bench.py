@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .bench_timing import PEERS_DIR, final_timing, time_front_in_onnxruntime
 from .errors import SpecError
 from .registry import Registry
 from .spec import Spec, load_spec
@@ -193,29 +194,6 @@ def front_points(d: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, An
     return points, baseline_metrics(res.baseline), res.rows
 
 
-def time_front_in_onnxruntime(d: Path, points: list[dict[str, Any]], *, registry: Registry, data: str | None,
-                              log: Callable[[str], None]) -> None:
-    """Export each front point of the study in ``d`` to ONNX (a temporary folder) and add ONNX Runtime
-    ms/example under ``point["onnxruntime"]``, or the reason it could not be exported."""
-    import tempfile
-
-    from .errors import AutocompressError
-    from .export import export_trial
-
-    for p in points:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                export_trial(d, Path(tmp) / "x", trial=p["trial"], onnx=True, data=data, log=lambda s: None,
-                             registry=registry)
-                info = json.loads((Path(tmp) / "x" / "export.json").read_text())["onnx"]
-                p["onnxruntime"] = {**info["latency_ms_per_example"]["onnxruntime"],
-                                    "agreement": info["parity"]["agreement"]}
-                p["pytorch_at_export"] = info["latency_ms_per_example"]["pytorch"]
-            except AutocompressError as exc:
-                p["onnxruntime"] = {"not_exported": str(exc)[:300]}
-        log(f"  ONNX Runtime, {p['label']}: {p['onnxruntime']}")
-
-
 RUNS = "runs.json"
 
 
@@ -259,6 +237,9 @@ def reproducibility(baselines: Sequence[Mapping[str, Any]], peer_runs: Sequence[
         runs = [r[name] for r in peer_runs if name in r]
         out[f"peer {name} ({len(runs)} run(s) of the command)"] = {k: spread([p.get(k) for p in runs])
                                                                      for k in (*keys, "eval_accuracy")}
+        final = [r["final"] for r in runs if isinstance(r.get("final"), Mapping)]
+        if final:  # the final, interleaved timing of the same peer (bench_timing.final_timing)
+            out[f"peer {name}, final timing ({len(final)} run(s))"] = {k: spread([f.get(k) for f in final]) for k in keys}
     return out
 
 
@@ -346,13 +327,14 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
     measured = {**measure_baseline(prep), "device": describe_device(prep.device)}
     phases["baseline (fine-tune, or reuse the cached one; measure it)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    peers = measure_peers(prep, work=studies / "_peers", registry=registry, log=log)
+    peers = measure_peers(prep, work=studies / PEERS_DIR, registry=registry, log=log)
     phases["peers (PyTorch and ONNX Runtime, fp32 and dynamic int8)"] = time.perf_counter() - t0
     runs.setdefault("peers", []).append(peers)
     runs.setdefault("baselines", []).append({k: v for k, v in measured.items() if k.startswith(("latency_", "eval_"))})
     runs.setdefault("search_seconds", {})
     _save_runs(out, runs)
     threads = prep.spec.measurement.threads or os.cpu_count() or 1
+    latency_sets, pad_token_id, rounds = prep.latency_sets, prep.pad_token_id, prep.spec.measurement.repeats
     del prep
 
     fronts: dict[str, list[dict[str, Any]]] = {}
@@ -396,6 +378,14 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
         log("== joint front in ONNX Runtime")
         time_front_in_onnxruntime(studies / f"{spec.study}-joint", fronts["joint"], registry=registry, data=data, log=log)
         phases["joint front exported and timed in ONNX Runtime"] = time.perf_counter() - t0
+    final = None
+    if fronts.get("joint"):
+        t0 = time.perf_counter()
+        log("== final timing: the joint front and the peers, interleaved")
+        final = final_timing(studies, f"{spec.study}-joint", fronts["joint"], peers, latency_sets=latency_sets,
+                             pad_token_id=pad_token_id, rounds=rounds, registry=registry, log=log)
+        phases["final timing (joint front and peers, interleaved)"] = time.perf_counter() - t0
+        _save_runs(out, runs)  # the peers now carry their final timing: the next run's spread includes it
 
     singles = {k: v for k, v in fronts.items() if k != "joint"}
     overhead = _overhead(joint_rows)
@@ -419,12 +409,14 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
                   f"train: {spec.data.validation_size:g} "
                   f"{'whole sentences, their own phrases out of train' if spec.data.validation_carve == 'sentences' else 'random examples'}"
                   "). Latency: median ms per example over timed passes, PyTorch eager unless marked ORT. "
-                  "Ratios are baseline / point."),
+                  "Ratios are baseline / point. Fronts and hypervolumes use each trial's own timing, taken during "
+                  "its search; the speed targets use the final timing, where the joint front and the peers are "
+                  "timed again in the same interleaved rounds" + ("" if final else " (not taken in this run)") + "."),
         "command": command, "machine": machine_description(threads),
         "baseline": baseline_point, "peers": peers, "fronts": fronts,
         "latency_metric": latency,
         "hypervolume": {k: front_hypervolume(v, base, latency=latency) for k, v in fronts.items()},
-        "targets": targets, "profile": profiled,
+        "targets": targets, "profile": profiled, "final_timing": final,
         "engine_overhead_median": overhead, "phases_seconds": phases,
         "selection": selection_agreement(all_rows, base),
         "reproducibility": reproducibility(runs["baselines"], runs["peers"], [latency, "latency_bs1"]),

@@ -12,7 +12,7 @@ only if it is faster *and* smaller than the baseline and loses fewer than 5 poin
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,36 +77,49 @@ def evaluate_targets(joint: Sequence[Point], singles: Mapping[str, Sequence[Poin
     ok_points = within_drop(joint, base)
     out = []
     bs = latency.removeprefix("latency_")
-    b32, b1 = _num(base.get(latency)), _num(base.get("latency_bs1"))
+    # Speed is read from the final, interleaved timing (bench_timing.final_timing) when the run took one: every
+    # point and peer timed in the same rounds. Otherwise from the search-time figures (each timed on its own).
+    final = isinstance((peers.get("pytorch_fp32") or {}).get("final"), Mapping)
+    when = "final interleaved timing" if final else "search-time timing"
 
-    def ratio(num: float | None, key: str) -> Any:
-        return lambda p: (num / v) if num and (v := _num(p.get(key))) else None
+    def pt(q: Point) -> Point:  # a point's (or the baseline's) PyTorch figures
+        return (q.get("final") or {}).get("pytorch") or {} if final else q
 
-    v, p = _best(ok_points, ratio(b32, latency), largest=True)
-    out.append(_target(f"{bs} throughput vs fp32 PyTorch", ">= 4x", v, v is not None and v >= 4.0, p))
-    ort8 = _num((peers.get("onnxruntime_int8") or {}).get(latency))
-    v, p = _best(ok_points, ratio(ort8, latency), largest=True)
+    def ort(q: Point) -> Point:  # a point's ONNX Runtime figures
+        return (q.get("final") or {}).get("onnxruntime") or {} if final else q.get("onnxruntime") or {}
+
+    def peer(name: str) -> Point:
+        p = peers.get(name) or {}
+        return p.get("final") or {} if final else p
+
+    ref = peer("pytorch_fp32") if final else base
+    b32, b1 = _num(ref.get(latency)), _num(ref.get("latency_bs1"))
+
+    def ratio(num: float | None, figures: Callable[[Point], Point], key: str) -> Any:
+        return lambda p: (num / v) if num and (v := _num(figures(p).get(key))) else None
+
+    v, p = _best(ok_points, ratio(b32, pt, latency), largest=True)
+    out.append(_target(f"{bs} throughput vs fp32 PyTorch", ">= 4x", v, v is not None and v >= 4.0, p, when))
+    ort8 = _num(peer("onnxruntime_int8").get(latency))
+    v, p = _best(ok_points, ratio(ort8, pt, latency), largest=True)
     out.append(_target(f"{bs} throughput vs ONNX Runtime dynamic int8 of the baseline", ">= 3x", v,
-                       v is not None and v >= 3.0, p, "" if ort8 else "ONNX Runtime int8 peer not measured"))
-    v, p = _best(ok_points, lambda q: _num(q.get("latency_bs1")), largest=False)
+                       v is not None and v >= 3.0, p, when if ort8 else "ONNX Runtime int8 peer not measured"))
+    v, p = _best(ok_points, lambda q: _num(pt(q).get("latency_bs1")), largest=False)
     out.append(_target("bs1 latency (ms/sentence)", "<= 1.5", v, v is not None and v <= 1.5, p,
-                       f"fp32 baseline: {b1:.2f} ms" if b1 else ""))
+                       f"{when}; fp32 baseline: {b1:.2f} ms" if b1 else when))
     # The same two targets in the runtime a user deploys to: the joint front's points as exported to ONNX Runtime
-    # (``onnxruntime`` timings, taken when the front is timed there), against the ONNX Runtime int8 peer.
-    def ort(key: str) -> Any:
-        return lambda q: _num((q.get("onnxruntime") or {}).get(key))
-
-    timed = any(q.get("onnxruntime") for q in ok_points)
+    # (taken when the front is timed there), against the ONNX Runtime int8 peer.
+    timed = any(ort(q) for q in ok_points)
     why = "" if timed else "no joint point within 1 point was timed in ONNX Runtime"
-    v, p = _best(ok_points, lambda q: (ort8 / t) if ort8 and (t := ort(latency)(q)) else None, largest=True)
+    v, p = _best(ok_points, ratio(ort8, ort, latency), largest=True)
     out.append(_target(f"{bs} throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime", ">= 3x",
-                       v, v is not None and v >= 3.0, p, why or ("" if ort8 else "ONNX Runtime int8 peer not measured")))
-    v, p = _best(ok_points, ort("latency_bs1"), largest=False)
-    ortb1 = _num((peers.get("onnxruntime_fp32") or {}).get("latency_bs1"))
+                       v, v is not None and v >= 3.0, p, why or (when if ort8 else "ONNX Runtime int8 peer not measured")))
+    v, p = _best(ok_points, lambda q: _num(ort(q).get("latency_bs1")), largest=False)
+    ortb1 = _num(peer("onnxruntime_fp32").get("latency_bs1"))
     out.append(_target("bs1 latency (ms/sentence) in ONNX Runtime", "<= 1.5", v, v is not None and v <= 1.5, p,
-                       why or (f"fp32 baseline in ONNX Runtime: {ortb1:.2f} ms" if ortb1 else "")))
+                       why or (f"{when}; fp32 baseline in ONNX Runtime: {ortb1:.2f} ms" if ortb1 else when)))
     bsize = _num(base.get("size_mb"))
-    v, p = _best(ok_points, ratio(bsize, "size_mb"), largest=True)
+    v, p = _best(ok_points, ratio(bsize, lambda q: q, "size_mb"), largest=True)
     out.append(_target("size vs fp32 baseline", ">= 10x smaller", v, v is not None and v >= 10.0, p))
     hv_joint = front_hypervolume(joint, base, latency=latency)
     hv_single = {k: front_hypervolume(v, base, latency=latency) for k, v in singles.items()}
@@ -251,6 +264,47 @@ def header(latency: str) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
+def final_timing_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per model of the final interleaved timing: name, runtime, held-out accuracy, the figures and the
+    bs-N ratios to the fp32 PyTorch peer timed in the same rounds (pure: reads the summary)."""
+    latency = summary.get("latency_metric", "latency_bs32")
+    peers = summary.get("peers") or {}
+    ref = (peers.get("pytorch_fp32") or {}).get("final") or {}
+    rows = [{"name": str(p.get("label", k)), "accuracy": p.get("eval_accuracy"), "figures": p["final"]}
+            for k, p in peers.items() if isinstance(p.get("final"), Mapping)]
+    for p in (summary.get("fronts") or {}).get("joint", []):
+        for runtime, figures in (p.get("final") or {}).items():
+            acc = p.get("eval_accuracy") if runtime == "pytorch" else (p.get("onnxruntime") or {}).get("eval_accuracy",
+                                                                                                      p.get("eval_accuracy"))
+            rows.append({"name": f"{p.get('label')} ({'ORT' if runtime == 'onnxruntime' else 'PyTorch'})",
+                         "accuracy": acc, "figures": figures})
+    for r in rows:
+        f = r["figures"]
+        r["ratios"] = {k: (b / v) if (b := _num(ref.get(k))) and (v := _num(f.get(k))) else None
+                       for k in (latency, "latency_bs1")}
+    return rows
+
+
+def _final_md(summary: Mapping[str, Any]) -> list[str]:
+    final = summary.get("final_timing")
+    if not final:
+        return []
+    latency = summary.get("latency_metric", "latency_bs32")
+    bs = latency.removeprefix("latency_")
+    lines = ["", f"## Final timing (the speed targets are read here): {final['protocol']}", "",
+             "Ratios are to the PyTorch fp32 peer of the same rounds; min-max is over the rounds.", "",
+             f"| model | {bs} ms/ex | min-max | {bs} × | bs1 ms | min-max | bs1 × |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in final_timing_rows(summary):
+        cells = [r["name"]]
+        for key in (latency, "latency_bs1"):
+            lo, hi = (r["figures"].get(f"{key}_spread") or [None, None])[:2]
+            ratio = r["ratios"].get(key)
+            span = "-" if _num(lo) is None or _num(hi) is None else f"{_f(lo)}-{_f(hi)}"
+            cells += [_f(r["figures"].get(key)), span, "-" if ratio is None else f"{ratio:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_md(summary: Mapping[str, Any]) -> str:
     base, latency = summary["baseline"], summary.get("latency_metric", "latency_bs32")
     lines = [f"# {summary['title']}", "", summary.get("intro", ""), "",
@@ -260,6 +314,7 @@ def report_md(summary: Mapping[str, Any]) -> str:
     for t in summary["targets"]:
         lines.append(f"| {t['target']} | {t['goal']} | {_f(t['measured'], '.4g')} | {'yes' if t['met'] else '**no**'} "
                      f"| {t['point'] or ''} | {t['note']} |")
+    lines += _final_md(summary)
     prof = summary.get("profile")
     if prof:
         lines += ["", f"Where the time of the fastest joint point within 1 point ({prof['point']}) goes, component by "

@@ -88,8 +88,16 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_
     assert set(summary["phases_seconds"]) >= {"search: joint", "search: head_pruning", "search: quantization"}
     assert 0 <= summary["engine_overhead_median"] < 1  # every trial records compute vs wall time
     assert (out / "bench.png").stat().st_size > 1000
+    # the final timing: the joint front and the peers timed again in the same interleaved rounds
+    final = summary["final_timing"]
+    assert final["rounds"] == 1 and "peer pytorch_fp32" in final["models"]  # measurement.repeats: 1
+    assert all(len(p["final"]["latency_bs8_passes"]) == 1 for p in summary["peers"].values())
+    assert all(q["final"]["pytorch"]["latency_bs8"] > 0 for q in summary["fronts"]["joint"])
+    assert "final timing (joint front and peers, interleaved)" in summary["phases_seconds"]
+    assert any("final interleaved timing" in t["note"] for t in summary["targets"])
     text = (out / "report.md").read_text()
     assert "## Targets" in text and "## Front: joint" in text and summary["command"] in text
+    assert "## Final timing" in text
     # the studies are ordinary studies: one technique each for the singles, always on
     single = json.loads((out / "studies/tb-quantization/trials.json").read_text())["trials"]
     assert all(r["pipeline"] == ["quantization"] for r in single if r["state"] == "COMPLETE")

@@ -1,0 +1,90 @@
+"""The bench's final timing: interleaved rounds (pure parts on fakes) and the speed targets read from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from autocompress.bench_report import evaluate_targets, final_timing_rows, report_md
+from autocompress.bench_timing import interleaved_latency, rotation, summarise_passes
+
+BASE = {"eval_accuracy": 0.90, "latency_bs32": 4.0, "latency_bs1": 8.0, "size_mb": 90.0}
+
+
+def test_rotation_gives_each_model_every_position():
+    names = ["a", "b", "c"]
+    orders = [rotation(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {o.index("a") for o in orders} == {0, 1, 2}
+    assert rotation([], 5) == [] and rotation(names, 4) == ["b", "c", "a"]
+
+
+def test_summarise_passes_is_the_median_of_the_rounds():
+    s = summarise_passes({32: [3.0, 1.0, 2.0, 10.0, 2.5]})
+    assert s["latency_bs32"] == 2.5 and s["latency_bs32_spread"] == [1.0, 10.0]
+    assert s["latency_bs32_passes"] == [3.0, 1.0, 2.0, 10.0, 2.5]
+
+
+def test_interleaved_latency_times_round_by_round_in_rotated_order():
+    calls: list[tuple[str, int, int, int]] = []
+    clock = iter(range(1, 1000))  # each timed pass is slower than the last: a machine getting slower
+
+    def timer(model, enc, *, batch_size, warmup, repeats, device, pad_token_id):
+        calls.append((model, batch_size, warmup, repeats))
+        return {"median": float(next(clock))}
+
+    out = interleaved_latency({"a": "a", "b": "b"}, {32: "e32", 1: "e1"}, rounds=3, pad_token_id=0, warmup=2,
+                              timer=timer)
+    # warm-up first (untimed figures are drawn but not kept), then one pass per model and batch size per round
+    assert calls[:4] == [("a", 32, 0, 2), ("a", 1, 0, 2), ("b", 32, 0, 2), ("b", 1, 0, 2)]
+    timed = [c[0] for c in calls[4:] if c[1] == 32]
+    assert timed == ["a", "b", "b", "a", "a", "b"]  # round 2 starts with b
+    assert all(c[3] == 1 and c[2] == 0 for c in calls[4:])
+    assert len(out["a"]["latency_bs32_passes"]) == 3 == len(out["b"]["latency_bs1_passes"])
+    # the rotation evens out a steadily slowing machine: both medians come from the middle of the run
+    assert abs(out["a"]["latency_bs32"] - out["b"]["latency_bs32"]) <= 2
+    with pytest.raises(ValueError, match="rounds=0"):
+        interleaved_latency({"a": "a"}, {32: "e"}, rounds=0, pad_token_id=0, timer=timer)
+
+
+def _final_summary():
+    point = {"label": "joint #3: q", "trial": 3, "eval_accuracy": 0.895, "latency_bs32": 1.0, "latency_bs1": 1.0,
+             "size_mb": 8.0, "onnxruntime": {"latency_bs32": 0.5, "latency_bs1": 0.9},
+             "final": {"pytorch": {"latency_bs32": 2.0, "latency_bs1": 4.0, "latency_bs32_spread": [1.9, 2.2]},
+                       "onnxruntime": {"latency_bs32": 1.0, "latency_bs1": 2.0}}}
+    peers = {"pytorch_fp32": {"label": "fp32", "eval_accuracy": 0.9, "latency_bs32": 4.0, "latency_bs1": 8.0,
+                              "final": {"latency_bs32": 6.0, "latency_bs1": 10.0}},
+             "onnxruntime_int8": {"label": "ort8", "latency_bs32": 2.5, "final": {"latency_bs32": 3.0}},
+             "onnxruntime_fp32": {"label": "ort32", "latency_bs1": 5.0, "final": {"latency_bs1": 6.0}}}
+    return point, peers
+
+
+def test_speed_targets_are_read_from_the_final_timing_when_taken():
+    point, peers = _final_summary()
+    t = {x["target"]: x for x in evaluate_targets([point], {}, BASE, peers, joint_minutes=1.0, overhead=0.0)}
+    # search-time figures would say 4x, 2.5x, 1.0 ms, 5x, 0.9 ms; the final timing says otherwise
+    assert t["bs32 throughput vs fp32 PyTorch"]["measured"] == pytest.approx(6.0 / 2.0)
+    assert "final interleaved timing" in t["bs32 throughput vs fp32 PyTorch"]["note"]
+    assert t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline"]["measured"] == pytest.approx(1.5)
+    assert t["bs1 latency (ms/sentence)"]["measured"] == 4.0
+    both = t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime"]
+    assert both["measured"] == pytest.approx(3.0) and both["met"]
+    ort_bs1 = t["bs1 latency (ms/sentence) in ONNX Runtime"]
+    assert ort_bs1["measured"] == 2.0 and "6.00 ms" in ort_bs1["note"]
+    # without a final timing, the search-time figures are used (and said to be)
+    plain = {k: {kk: vv for kk, vv in v.items() if kk != "final"} for k, v in peers.items()}
+    t2 = {x["target"]: x for x in evaluate_targets([point], {}, BASE, plain, joint_minutes=1.0, overhead=0.0)}
+    assert t2["bs32 throughput vs fp32 PyTorch"]["measured"] == pytest.approx(4.0)
+    assert "search-time timing" in t2["bs32 throughput vs fp32 PyTorch"]["note"]
+
+
+def test_report_has_the_final_timing_table_with_ratios_to_the_same_rounds():
+    point, peers = _final_summary()
+    summary = {"title": "t", "command": "c", "machine": "m", "baseline": BASE, "peers": peers,
+               "fronts": {"joint": [point]}, "hypervolume": {"joint": 0.0}, "phases_seconds": {}, "targets": [],
+               "final_timing": {"protocol": "5 rounds, rotated"}}
+    rows = {r["name"]: r for r in final_timing_rows(summary)}
+    assert rows["joint #3: q (PyTorch)"]["ratios"]["latency_bs32"] == pytest.approx(3.0)
+    assert rows["joint #3: q (ORT)"]["ratios"]["latency_bs1"] == pytest.approx(5.0)
+    md = report_md(summary)
+    assert "## Final timing (the speed targets are read here): 5 rounds, rotated" in md
+    assert "| joint #3: q (PyTorch) | 2.00 | 1.90-2.20 | 3.00x | 4.00 | - | 2.50x |" in md
