@@ -190,7 +190,7 @@ def front_points(d: Path, name: str) -> tuple[list[dict[str, Any]], dict[str, An
         m = dict(row.get("metrics") or {})
         points.append({**m, "label": f"{name} #{row['number']}: {pipeline_str(row.get('pipeline'))}",
                        "trial": row["number"], "params": params_summary(row.get("params")),
-                       "fidelity": row.get("fidelity")})
+                       "fidelity": row.get("fidelity"), "model_dir": row.get("model_dir")})
     return points, baseline_metrics(res.baseline), res.rows
 
 

@@ -103,49 +103,116 @@ def time_front_in_onnxruntime(d: Path, points: list[dict[str, Any]], *, registry
 # ----------------------------------------------------------------------------------------------------------
 
 
-def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], peers: dict[str, dict[str, Any]], *,
-                 latency_sets: Mapping[int, "Encoded"], pad_token_id: int, rounds: int, registry: "Registry",
-                 log: Callable[[str], None]) -> dict[str, Any]:
-    """Time the joint front ``points`` and the ``peers`` again, interleaved (:func:`interleaved_latency`), and
-    store the figures under ``point["final"]`` (``{"pytorch": ..., "onnxruntime": ...}``) and
-    ``peer["final"]``. Each model is loaded from what the run saved: the study's trial models, the ONNX
-    exports of :func:`time_front_in_onnxruntime`, the peers' files. Returns what was timed, for the summary."""
-    import copy
-
-    import torch
-    from torch import nn
-
-    from .modeling import load_compressed
-    from .onnx_export import OrtClassifier, missing_dependencies
-    from .results import load_results
-
-    threads = torch.get_num_threads()
-    ort_ok = not missing_dependencies()
-    models: dict[str, Any] = {}
-    peer_dir = studies / PEERS_DIR
-    if (peer_dir / "baseline-fp32").is_dir() and "pytorch_fp32" in peers:
-        base = load_compressed(peer_dir / "baseline-fp32", registry=registry).cpu().eval()
-        models["peer pytorch_fp32"] = base
+def timing_plan(studies: Path, joint_study: str, points: Sequence[Mapping[str, Any]], peers: Mapping[str, Any], *,
+                onnx: bool = True) -> dict[str, list[tuple[str, str, str]]]:
+    """What the final timing loads, per runtime: ``{runtime: [(name, kind, path)]}`` from the files the run saved
+    (the peers' folder, the joint study's trial models, the front's ONNX exports). Pure apart from ``is_file``."""
+    peer_dir, d = studies / PEERS_DIR, studies / joint_study
+    torch_block: list[tuple[str, str, str]] = []
+    ort_block: list[tuple[str, str, str]] = []
+    if "pytorch_fp32" in peers and (peer_dir / "baseline-fp32").is_dir():
+        torch_block.append(("peer pytorch_fp32", "saved", str(peer_dir / "baseline-fp32")))
         if "pytorch_int8" in peers:
-            models["peer pytorch_int8"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear},
-                                                                                 dtype=torch.qint8)
+            torch_block.append(("peer pytorch_int8", "saved+torch_int8", str(peer_dir / "baseline-fp32")))
     for key, file in (("onnxruntime_fp32", "baseline-fp32.onnx"), ("onnxruntime_int8", "baseline-int8.onnx")):
-        if ort_ok and key in peers and (peer_dir / file).is_file():
-            models[f"peer {key}"] = OrtClassifier(peer_dir / file, threads=threads)
-    d = studies / joint_study
-    rows = {r["number"]: r for r in load_results(d).rows}
+        if onnx and key in peers and (peer_dir / file).is_file():
+            ort_block.append((f"peer {key}", "onnx", str(peer_dir / file)))
     for p in points:
         n = p["trial"]
-        src = d / (rows.get(n, {}).get("model_dir") or f"trials/{n}")
-        try:
-            models[f"joint {n} pytorch"] = load_compressed(src, registry=registry).cpu().eval()
-        except Exception as exc:  # noqa: BLE001 - a model that does not load keeps its search-time figures
-            log(f"  final timing: joint #{n} not loaded ({type(exc).__name__}: {str(exc)[:200]})")
+        torch_block.append((f"joint {n} pytorch", "saved", str(d / (p.get("model_dir") or f"trials/{n}"))))
         onnx_file = studies / FRONT_DIR / f"trial{n}" / "model.onnx"
-        if ort_ok and onnx_file.is_file():
-            models[f"joint {n} onnxruntime"] = OrtClassifier(onnx_file, threads=threads)
-    log(f"  {len(models)} models, {rounds} interleaved rounds, batch sizes {', '.join(map(str, latency_sets))}")
-    timed = interleaved_latency(models, latency_sets, rounds=rounds, pad_token_id=pad_token_id)
+        if onnx and onnx_file.is_file():
+            ort_block.append((f"joint {n} onnxruntime", "onnx", str(onnx_file)))
+    return {k: v for k, v in (("pytorch", torch_block), ("onnxruntime", ort_block)) if v}
+
+
+def _load(kind: str, path: str, *, threads: int, registry: "Registry") -> Any:
+    if kind == "onnx":
+        from .onnx_export import OrtClassifier
+
+        return OrtClassifier(path, threads=threads)
+    from .modeling import load_compressed
+
+    model = load_compressed(path, registry=registry).cpu().eval()
+    if kind == "saved+torch_int8":  # the PyTorch int8 peer: torch's own recipe on the fp32 baseline
+        import torch
+        from torch import nn
+
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def time_block(task: Mapping[str, Any]) -> dict[str, Any]:
+    """One runtime's block of the final timing, run in a fresh process: load the models of ``task["models"]``
+    and time them with :func:`interleaved_latency`. Returns ``{"figures": {name: ...}, "skipped": {name: why}}``."""
+    import torch
+
+    from .registry import load_registry
+
+    torch.set_num_threads(int(task["threads"]))
+    registry = load_registry(extra_plugins=task.get("plugins") or ())
+    models, skipped = {}, {}
+    for name, kind, path in task["models"]:
+        try:
+            models[name] = _load(kind, path, threads=int(task["threads"]), registry=registry)
+        except Exception as exc:  # noqa: BLE001 - a model that does not load keeps its search-time figures
+            skipped[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    figures = interleaved_latency(models, task["latency_sets"], rounds=int(task["rounds"]),
+                                  pad_token_id=int(task["pad_token_id"]), warmup=int(task.get("warmup", 1)))
+    return {"figures": figures, "skipped": skipped}
+
+
+def _in_fresh_process(task: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`time_block` in ``python -m autocompress.bench_timing`` (not multiprocessing, whose spawn re-runs the
+    caller's main module: a script without a ``__main__`` guard would start the bench again)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    from .errors import AutocompressError
+
+    with tempfile.TemporaryDirectory(prefix="autocompress-timing-") as tmp:
+        task_file, result_file = Path(tmp) / "task.pkl", Path(tmp) / "result.pkl"
+        task_file.write_bytes(pickle.dumps(dict(task)))  # written and read back by this package only, in our temp dir
+        proc = subprocess.run([sys.executable, "-m", "autocompress.bench_timing", str(task_file), str(result_file)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0 or not result_file.is_file():
+            raise AutocompressError(f"the final timing's process failed (exit {proc.returncode}): "
+                                    f"{proc.stdout[-1500:].strip()}")
+        return pickle.loads(result_file.read_bytes())
+
+
+def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], peers: dict[str, dict[str, Any]], *,
+                 latency_sets: Mapping[int, "Encoded"], pad_token_id: int, rounds: int, registry: "Registry",
+                 log: Callable[[str], None], runtimes: Sequence[str] = ("pytorch", "onnxruntime")) -> dict[str, Any]:
+    """Time the joint front ``points`` and the ``peers`` again (:func:`interleaved_latency`), each runtime in its
+    own fresh process, and store the figures under ``point["final"]`` (``{"pytorch": ..., "onnxruntime": ...}``)
+    and ``peer["final"]``. Returns what was timed, for the summary.
+
+    One process per runtime because a process that has run PyTorch slows ONNX Runtime in it, and the other way
+    round (session 13, the session-12 joint front: our int8 graphs timed 7-8.5 ms/example at batch 32 in ONNX
+    Runtime when PyTorch models were timed in the same process, 3.0-4.0 in a process that timed only ONNX
+    Runtime; PyTorch fp32 at batch 1: 15.7 against 13.3). A deployment runs one runtime, so each is timed alone.
+    """
+    import torch
+
+    from .onnx_export import missing_dependencies
+    from .workers import _plugins
+
+    threads = torch.get_num_threads()
+    plan = timing_plan(studies, joint_study, points, peers, onnx=not missing_dependencies())
+    plan = {k: v for k, v in plan.items() if k in runtimes}
+    timed: dict[str, dict[str, Any]] = {}
+    for runtime, models in plan.items():
+        log(f"  {runtime}: {len(models)} models, {rounds} rounds, batch sizes {', '.join(map(str, latency_sets))}, "
+            "in a fresh process")
+        task = {"models": models, "latency_sets": dict(latency_sets), "pad_token_id": pad_token_id, "rounds": rounds,
+                "threads": threads, "plugins": _plugins(registry)}
+        result = _in_fresh_process(task)
+        for name, why in result["skipped"].items():
+            log(f"  final timing: {name} not loaded ({why})")
+        timed.update(result["figures"])
     for name, figures in timed.items():
         kind, rest = name.split(" ", 1)
         if kind == "peer":
@@ -154,8 +221,16 @@ def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], 
             n, runtime = rest.split(" ")
             point = next(q for q in points if str(q["trial"]) == n)
             point.setdefault("final", {})[runtime] = figures
-    for name, figures in timed.items():
         log(f"  {name}: " + ", ".join(f"bs{bs} {figures[f'latency_bs{bs}']:.3g} ms" for bs in latency_sets))
     return {"rounds": rounds, "models": list(timed), "threads": threads,
-            "protocol": (f"{rounds} rounds; each round times every model once per batch size (one pass over the "
-                         "latency sample), in an order rotated each round; figure = median of the rounds")}
+            "protocol": (f"each runtime in its own fresh process; {rounds} rounds, each timing every model once per "
+                         "batch size (one pass over the latency sample) in an order rotated each round; figure = "
+                         "median of the rounds")}
+
+
+if __name__ == "__main__":  # the fresh process of _in_fresh_process
+    import pickle
+    import sys
+
+    _task = pickle.loads(Path(sys.argv[1]).read_bytes())
+    Path(sys.argv[2]).write_bytes(pickle.dumps(time_block(_task)))

@@ -88,3 +88,30 @@ def test_report_has_the_final_timing_table_with_ratios_to_the_same_rounds():
     md = report_md(summary)
     assert "## Final timing (the speed targets are read here): 5 rounds, rotated" in md
     assert "| joint #3: q (PyTorch) | 2.00 | 1.90-2.20 | 3.00x | 4.00 | - | 2.50x |" in md
+
+
+def test_timing_plan_puts_each_runtime_in_its_own_block(tmp_path):
+    from autocompress.bench_timing import FRONT_DIR, PEERS_DIR, timing_plan
+
+    (tmp_path / PEERS_DIR / "baseline-fp32").mkdir(parents=True)
+    (tmp_path / PEERS_DIR / "baseline-int8.onnx").write_bytes(b"x")
+    (tmp_path / FRONT_DIR / "trial4").mkdir(parents=True)
+    (tmp_path / FRONT_DIR / "trial4" / "model.onnx").write_bytes(b"x")
+    peers = {"pytorch_fp32": {}, "pytorch_int8": {}, "onnxruntime_fp32": {}, "onnxruntime_int8": {}}
+    points = [{"trial": 4}, {"trial": 7, "model_dir": "trials/7b"}]
+    plan = timing_plan(tmp_path, "s-joint", points, peers)
+    assert [m[0] for m in plan["pytorch"]] == ["peer pytorch_fp32", "peer pytorch_int8", "joint 4 pytorch",
+                                               "joint 7 pytorch"]
+    assert plan["pytorch"][1][1] == "saved+torch_int8" and plan["pytorch"][3][2].endswith("s-joint/trials/7b")
+    # no baseline-fp32.onnx on disk, and trial 7 was not exported: neither is timed in ONNX Runtime
+    assert [m[0] for m in plan["onnxruntime"]] == ["peer onnxruntime_int8", "joint 4 onnxruntime"]
+    assert "onnxruntime" not in timing_plan(tmp_path, "s-joint", points, peers, onnx=False)
+
+
+def test_a_failing_timing_process_says_why(monkeypatch):
+    from autocompress import bench_timing
+    from autocompress.errors import AutocompressError
+
+    task = {"models": [], "latency_sets": {}, "pad_token_id": 0, "rounds": 0, "threads": 1}
+    with pytest.raises(AutocompressError, match=r"(?s)final timing.s process failed.*rounds=0"):
+        bench_timing._in_fresh_process(task)
