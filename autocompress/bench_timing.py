@@ -183,6 +183,20 @@ def _in_fresh_process(task: Mapping[str, Any]) -> dict[str, Any]:
         return pickle.loads(result_file.read_bytes())
 
 
+def time_onnx_alone(path: str | Path, latency_sets: Mapping[int, "Encoded"], *, warmup: int, repeats: int,
+                    pad_token_id: int, threads: int) -> dict[str, Any]:
+    """ms/example of one ONNX graph in ONNX Runtime, timed in a fresh process (as :func:`final_timing` does): a
+    process that has run PyTorch is no place to time ONNX Runtime. ``latency_bs{N}`` and its ``_spread``."""
+    task = {"models": [("model", "onnx", str(path))], "latency_sets": dict(latency_sets), "pad_token_id": pad_token_id,
+            "rounds": max(1, int(repeats)), "warmup": int(warmup), "threads": int(threads)}
+    result = _in_fresh_process(task)
+    if result["skipped"]:
+        from .errors import ModelError
+
+        raise ModelError(f"ONNX Runtime could not load {str(path)!r} to time it: {result['skipped']['model']}")
+    return {k: v for k, v in result["figures"]["model"].items() if not k.endswith("_passes")}
+
+
 def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], peers: dict[str, dict[str, Any]], *,
                  latency_sets: Mapping[int, "Encoded"], pad_token_id: int, rounds: int, registry: "Registry",
                  log: Callable[[str], None], runtimes: Sequence[str] = ("pytorch", "onnxruntime")) -> dict[str, Any]:
