@@ -87,6 +87,9 @@ def compare_summaries(a: Summary, b: Summary) -> dict[str, Any]:
     pa, pb = a.get("peers") or {}, b.get("peers") or {}
     peers = {n: {k: change((pa.get(n) or {}).get(k), (pb.get(n) or {}).get(k)) for k in FIGURES}
              for n in dict.fromkeys([*pa, *pb])}
+    for n in [n for n in dict.fromkeys([*pa, *pb]) if (pa.get(n) or {}).get("final") or (pb.get(n) or {}).get("final")]:
+        fa_, fb_ = (pa.get(n) or {}).get("final") or {}, (pb.get(n) or {}).get("final") or {}
+        peers[f"{n} (final timing)"] = {k: change(fa_.get(k), fb_.get(k)) for k in FIGURES}
     fa, fb = a.get("fronts") or {}, b.get("fronts") or {}
     fronts = {n: match_points(fa.get(n) or [], fb.get(n) or []) for n in dict.fromkeys([*fa, *fb])}
     pairs = [m for f in fronts.values() for m in f["matched"]]

@@ -98,3 +98,13 @@ def test_bench_compare_cli_writes_the_report_and_names_a_missing_summary(tmp_pat
     r = CliRunner().invoke(app, ["bench-compare", str(tmp_path / "a"), str(tmp_path / "missing")])
     assert r.exit_code != 0 and isinstance(r.exception, AutocompressError)
     assert "RUN_B" in str(r.exception) and "summary.json" in str(r.exception)
+
+
+def test_the_peers_final_timing_is_compared_too():
+    from autocompress.bench_compare import compare_summaries
+
+    a = {"peers": {"onnxruntime_int8": {"latency_bs32": 2.0, "final": {"latency_bs32": 3.0}}}}
+    b = {"peers": {"onnxruntime_int8": {"latency_bs32": 2.0, "final": {"latency_bs32": 3.3}}}}
+    cmp = compare_summaries(a, b)
+    assert cmp["peers"]["onnxruntime_int8 (final timing)"]["latency_bs32"]["rel_pct"] == pytest.approx(10.0)
+    assert cmp["peers"]["onnxruntime_int8"]["latency_bs32"]["rel_pct"] == 0.0
