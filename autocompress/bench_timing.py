@@ -1,13 +1,18 @@
 """The bench's timings after the searches: the joint front exported to ONNX Runtime, then the *final timing*,
-where every joint front point (PyTorch, and ONNX Runtime where it exports) and every peer is timed again,
-interleaved, and the speed targets are read from it.
+where every joint front point (PyTorch, and ONNX Runtime where it exports) and every peer is timed again and
+the speed targets are read from it.
 
-Why interleaved: on a shared 2-vCPU VM the machine has slow spells that last from seconds to a minute
-(session 13: the same ONNX file timed 1.4-1.7 ms/example in most fresh sessions and 3.2-3.9 in others, every
-model slowed at once, and graphs of many small ops slowed most). A model timed in one stretch takes whatever
-spell it falls in, so the same command twice gave ratios 2x apart. Here each round times every model once,
-in an order rotated each round, and a model's figure is the median of its rounds: a spell shifts one round,
-not one model, and the ratios between models come from passes taken minutes apart from each other at most.
+Two things made the bench's ONNX Runtime figures move up to 2x between runs of the same command (session 12),
+and the final timing answers each:
+- **One process, two runtimes.** The export timed ONNX Runtime and PyTorch back to back in the process that had
+  run the searches. Timed again in session 13, the session-12 int8 front points took 7-8.5 ms/example at batch
+  32 in ONNX Runtime when PyTorch models were timed in the same process, 3.0-4.0 in a process that ran only ONNX
+  Runtime (three such processes agreed within ~10%). So each runtime is timed in its own fresh process.
+- **Slow spells.** On a shared 2-vCPU VM the machine slows for seconds to a minute at a time (the same ONNX
+  file: 1.4-1.7 ms/example in most fresh sessions, 3.2-3.9 in a few consecutive ones, with every model slowed
+  at once). A model timed in one stretch takes whatever spell it falls in. So each round times every model
+  once, in an order rotated each round, and a model's figure is the median of its rounds: a spell shifts one
+  round of every model rather than all rounds of one.
 """
 
 from __future__ import annotations
