@@ -95,6 +95,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_
     assert all(q["final"]["pytorch"]["latency_bs8"] > 0 for q in summary["fronts"]["joint"])
     assert "final timing (joint front and peers, interleaved)" in summary["phases_seconds"]
     assert any("final interleaved timing" in t["note"] for t in summary["targets"])
+    # an int8 point also runs on ONNX Runtime's own int8 kernels, with its accuracy measured there and timed too
+    for q in summary["fronts"]["joint"]:
+        if "quantization" in q["label"] and "not_exported" not in q["onnxruntime"]:
+            assert 0 <= q["onnxruntime_fused"]["eval_accuracy"] <= 1
+            assert q["final"]["onnxruntime_fused"]["latency_bs8"] > 0
     text = (out / "report.md").read_text()
     assert "## Targets" in text and "## Front: joint" in text and summary["command"] in text
     assert "## Final timing" in text

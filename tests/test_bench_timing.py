@@ -87,7 +87,7 @@ def test_report_has_the_final_timing_table_with_ratios_to_the_same_rounds():
     assert rows["joint #3: q (ORT)"]["ratios"]["latency_bs1"] == pytest.approx(5.0)
     md = report_md(summary)
     assert "## Final timing (the speed targets are read here): 5 rounds, rotated" in md
-    assert "| joint #3: q (PyTorch) | 2.00 | 1.90-2.20 | 3.00x | 4.00 | - | 2.50x |" in md
+    assert "| joint #3: q (PyTorch) | 89.50 | 2.00 | 1.90-2.20 | 3.00x | 4.00 | - | 2.50x |" in md
 
 
 def test_timing_plan_puts_each_runtime_in_its_own_block(tmp_path):
@@ -97,6 +97,7 @@ def test_timing_plan_puts_each_runtime_in_its_own_block(tmp_path):
     (tmp_path / PEERS_DIR / "baseline-int8.onnx").write_bytes(b"x")
     (tmp_path / FRONT_DIR / "trial4").mkdir(parents=True)
     (tmp_path / FRONT_DIR / "trial4" / "model.onnx").write_bytes(b"x")
+    (tmp_path / FRONT_DIR / "trial4" / "model-ort-int8.onnx").write_bytes(b"x")
     peers = {"pytorch_fp32": {}, "pytorch_int8": {}, "onnxruntime_fp32": {}, "onnxruntime_int8": {}}
     points = [{"trial": 4}, {"trial": 7, "model_dir": "trials/7b"}]
     plan = timing_plan(tmp_path, "s-joint", points, peers)
@@ -104,7 +105,8 @@ def test_timing_plan_puts_each_runtime_in_its_own_block(tmp_path):
                                                "joint 7 pytorch"]
     assert plan["pytorch"][1][1] == "saved+torch_int8" and plan["pytorch"][3][2].endswith("s-joint/trials/7b")
     # no baseline-fp32.onnx on disk, and trial 7 was not exported: neither is timed in ONNX Runtime
-    assert [m[0] for m in plan["onnxruntime"]] == ["peer onnxruntime_int8", "joint 4 onnxruntime"]
+    assert [m[0] for m in plan["onnxruntime"]] == ["peer onnxruntime_int8", "joint 4 onnxruntime",
+                                                   "joint 4 onnxruntime_fused"]
     assert "onnxruntime" not in timing_plan(tmp_path, "s-joint", points, peers, onnx=False)
 
 
@@ -115,3 +117,20 @@ def test_a_failing_timing_process_says_why(monkeypatch):
     task = {"models": [], "latency_sets": {}, "pad_token_id": 0, "rounds": 0, "threads": 1}
     with pytest.raises(AutocompressError, match=r"(?s)final timing.s process failed.*rounds=0"):
         bench_timing._in_fresh_process(task)
+
+
+def test_the_ort_int8_kernel_variant_competes_in_onnx_runtime_with_its_own_accuracy():
+    point, peers = _final_summary()
+    fast = {"latency_bs32": 0.75, "latency_bs1": 0.8}
+    ok = {**point, "onnxruntime_fused": {"eval_accuracy": 0.894}, "final": {**point["final"], "onnxruntime_fused": fast}}
+    t = {x["target"]: x for x in evaluate_targets([ok], {}, BASE, peers, joint_minutes=1.0, overhead=0.0)}
+    both = t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime"]
+    assert both["measured"] == pytest.approx(3.0 / 0.75) and both["point"] == "joint #3: q (ONNX Runtime int8 kernels)"
+    assert t["bs1 latency (ms/sentence) in ONNX Runtime"]["measured"] == 0.8
+    # 1.6 points down in ONNX Runtime: it does not count, the bit-exact graph does
+    bad = {**ok, "onnxruntime_fused": {"eval_accuracy": 0.884}}
+    t = {x["target"]: x for x in evaluate_targets([bad], {}, BASE, peers, joint_minutes=1.0, overhead=0.0)}
+    both = t["bs32 throughput vs ONNX Runtime dynamic int8 of the baseline, both in ONNX Runtime"]
+    assert both["measured"] == pytest.approx(3.0) and both["point"] == "joint #3: q"
+    rows = {r["name"]: r for r in final_timing_rows({"peers": peers, "fronts": {"joint": [ok]}})}
+    assert rows["joint #3: q (ORT, ORT's int8 kernels)"]["accuracy"] == 0.894
