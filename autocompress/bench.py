@@ -139,6 +139,8 @@ def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[s
     peers["pytorch_int8"] = {"label": "PyTorch dynamic int8 (torch.ao quantize_dynamic)", **_timed(q, prep),
                              "size_mb": len(buf.getvalue()) / 1e6}
     log(f"peer PyTorch dynamic int8: {_line(peers['pytorch_int8'])}")
+    from .bench_timing import time_onnx_alone
+    from .measure import evaluate
     from .onnx_export import OrtClassifier, example_batch, export_graph, missing_dependencies
 
     if missing_dependencies():
@@ -161,7 +163,13 @@ def measure_peers(prep: Any, *, work: Path, registry: Registry, log: Callable[[s
     for key, path, label in (("onnxruntime_fp32", fp32, "ONNX Runtime fp32"),
                              ("onnxruntime_int8", int8, "ONNX Runtime dynamic int8 (quantize_dynamic, QInt8)")):
         session = OrtClassifier(path, threads=torch.get_num_threads())
-        peers[key] = {"label": label, **_timed(session, prep), "size_mb": path.stat().st_size / 1e6}
+        accuracy = {f"eval_{k}": v for k, v in evaluate(session, prep.evaluation, device="cpu",
+                                                         pad_token_id=prep.pad_token_id).items()}
+        del session  # timed in a fresh process: this one has been running PyTorch (bench_timing)
+        m = prep.spec.measurement
+        latency = time_onnx_alone(path, prep.latency_sets, warmup=m.warmup, repeats=m.repeats,
+                                  pad_token_id=prep.pad_token_id, threads=torch.get_num_threads())
+        peers[key] = {"label": label, **accuracy, **latency, "size_mb": path.stat().st_size / 1e6}
         log(f"peer {label}: {_line(peers[key])}")
     return peers
 

@@ -134,3 +134,25 @@ def test_the_ort_int8_kernel_variant_competes_in_onnx_runtime_with_its_own_accur
     assert both["measured"] == pytest.approx(3.0) and both["point"] == "joint #3: q"
     rows = {r["name"]: r for r in final_timing_rows({"peers": peers, "fronts": {"joint": [ok]}})}
     assert rows["joint #3: q (ORT, ORT's int8 kernels)"]["accuracy"] == 0.894
+
+
+def test_fresh_models_are_built_for_every_pass_and_warmed_each_time():
+    built: list[str] = []
+
+    def factory(name):
+        def make():
+            built.append(name)
+            return name
+        return make
+
+    calls = []
+
+    def timer(model, enc, *, batch_size, warmup, repeats, device, pad_token_id):
+        calls.append((model, repeats))
+        return {"median": 1.0}
+
+    out = interleaved_latency({"a": factory("a"), "b": factory("b")}, {32: "e"}, rounds=2, pad_token_id=0,
+                              warmup=1, timer=timer, fresh=True)
+    assert built == ["a", "b", "b", "a"]  # one instance per pass, in the rotated order
+    assert calls == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1)]
+    assert out["a"]["latency_bs32"] == 1.0
