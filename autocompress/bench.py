@@ -419,7 +419,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
                   "). Latency: median ms per example over timed passes, PyTorch eager unless marked ORT. "
                   "Ratios are baseline / point. Fronts and hypervolumes use each trial's own timing, taken during "
                   "its search; the speed targets use the final timing, where the joint front and the peers are "
-                  "timed again in the same interleaved rounds" + ("" if final else " (not taken in this run)") + "."),
+                  "timed again in interleaved rounds, each runtime in its own fresh process" + ("" if final else " (not taken in this run)") + "."),
         "command": command, "machine": machine_description(threads),
         "baseline": baseline_point, "peers": peers, "fronts": fronts,
         "latency_metric": latency,
