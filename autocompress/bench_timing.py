@@ -24,6 +24,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .data import Encoded
     from .registry import Registry
@@ -218,10 +220,37 @@ def time_block(task: Mapping[str, Any]) -> dict[str, Any]:
     return {"figures": figures, "skipped": skipped}
 
 
+def save_latency_sets(path: Path, sets: Mapping[int, "Encoded"]) -> None:
+    """The latency samples as plain arrays in one ``.npz`` (ragged rows concatenated, with their lengths): no
+    pickles cross to the timing process."""
+    arrays: dict[str, np.ndarray] = {}
+    for bs, enc in sets.items():
+        arrays[f"{bs}_lengths"] = np.asarray([len(x) for x in enc.input_ids], dtype=np.int64)
+        arrays[f"{bs}_ids"] = np.concatenate(enc.input_ids) if len(enc) else np.zeros(0, np.int32)
+        if enc.token_type_ids is not None:
+            arrays[f"{bs}_types"] = np.concatenate(enc.token_type_ids) if len(enc) else np.zeros(0, np.int32)
+        arrays[f"{bs}_labels"] = np.asarray(enc.labels)
+    np.savez(path, **arrays)
+
+
+def load_latency_sets(path: Path) -> dict[int, "Encoded"]:
+    from .data import Encoded
+
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        out: dict[int, Encoded] = {}
+        for bs in sorted({int(k.split("_")[0]) for k in keys}, reverse=True):
+            cuts = np.cumsum(z[f"{bs}_lengths"])[:-1]
+            ids = np.split(z[f"{bs}_ids"], cuts)
+            types = np.split(z[f"{bs}_types"], cuts) if f"{bs}_types" in keys else None
+            out[bs] = Encoded(input_ids=ids, token_type_ids=types, labels=z[f"{bs}_labels"], truncated=0)
+    return out
+
+
 def _in_fresh_process(task: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`time_block` in ``python -m autocompress.bench_timing`` (not multiprocessing, whose spawn re-runs the
-    caller's main module: a script without a ``__main__`` guard would start the bench again)."""
-    import pickle
+    caller's main module: a script without a ``__main__`` guard would start the bench again). The task goes as
+    JSON plus an ``.npz`` of the latency samples, the result comes back as JSON."""
     import subprocess
     import sys
     import tempfile
@@ -229,14 +258,24 @@ def _in_fresh_process(task: Mapping[str, Any]) -> dict[str, Any]:
     from .errors import AutocompressError
 
     with tempfile.TemporaryDirectory(prefix="autocompress-timing-") as tmp:
-        task_file, result_file = Path(tmp) / "task.pkl", Path(tmp) / "result.pkl"
-        task_file.write_bytes(pickle.dumps(dict(task)))  # written and read back by this package only, in our temp dir
-        proc = subprocess.run([sys.executable, "-m", "autocompress.bench_timing", str(task_file), str(result_file)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        task_file, sets_file, result_file = Path(tmp) / "task.json", Path(tmp) / "sets.npz", Path(tmp) / "result.json"
+        save_latency_sets(sets_file, task["latency_sets"])
+        order = [int(bs) for bs in task["latency_sets"]]
+        task_file.write_text(json.dumps({**{k: v for k, v in task.items() if k != "latency_sets"}, "order": order}))
+        proc = subprocess.run([sys.executable, "-m", "autocompress.bench_timing", str(task_file), str(sets_file),
+                               str(result_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not result_file.is_file():
             raise AutocompressError(f"the final timing's process failed (exit {proc.returncode}): "
                                     f"{proc.stdout[-1500:].strip()}")
-        return pickle.loads(result_file.read_bytes())
+        return json.loads(result_file.read_text())
+
+
+def _main(argv: Sequence[str]) -> None:
+    """The fresh process of :func:`_in_fresh_process`: task JSON and latency samples in, result JSON out."""
+    task = json.loads(Path(argv[0]).read_text())
+    sets = load_latency_sets(Path(argv[1]))
+    task["latency_sets"] = {bs: sets[bs] for bs in task.pop("order")}  # the caller's batch-size order
+    Path(argv[2]).write_text(json.dumps(time_block(task)))
 
 
 def time_onnx_alone(path: str | Path, latency_sets: Mapping[int, "Encoded"], *, warmup: int, repeats: int,
@@ -299,8 +338,6 @@ def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], 
 
 
 if __name__ == "__main__":  # the fresh process of _in_fresh_process
-    import pickle
     import sys
 
-    _task = pickle.loads(Path(sys.argv[1]).read_bytes())
-    Path(sys.argv[2]).write_bytes(pickle.dumps(time_block(_task)))
+    _main(sys.argv[1:])

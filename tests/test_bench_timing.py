@@ -156,3 +156,20 @@ def test_fresh_models_are_built_for_every_pass_and_warmed_each_time():
     assert built == ["a", "b", "b", "a"]  # one instance per pass, in the rotated order
     assert calls == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1)]
     assert out["a"]["latency_bs32"] == 1.0
+
+
+def test_latency_samples_cross_to_the_timing_process_as_plain_arrays(tmp_path):
+    import numpy as np
+
+    from autocompress.bench_timing import load_latency_sets, save_latency_sets
+    from autocompress.data import Encoded
+
+    ids = [np.array([101, 7, 102], np.int32), np.array([101, 102], np.int32)]
+    sets = {32: Encoded(input_ids=ids, token_type_ids=[np.zeros(3, np.int32), np.zeros(2, np.int32)],
+                        labels=np.array([0, 1]), truncated=0),
+            1: Encoded(input_ids=ids[:1], token_type_ids=None, labels=np.array([1]), truncated=0)}
+    save_latency_sets(tmp_path / "s.npz", sets)
+    back = load_latency_sets(tmp_path / "s.npz")
+    assert [len(x) for x in back[32].input_ids] == [3, 2] and back[32].input_ids[0].tolist() == [101, 7, 102]
+    assert back[32].token_type_ids[1].tolist() == [0, 0] and back[1].token_type_ids is None
+    assert back[1].labels.tolist() == [1]
