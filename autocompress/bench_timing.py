@@ -206,6 +206,8 @@ def time_block(task: Mapping[str, Any]) -> dict[str, Any]:
     fresh = bool(task["models"]) and all(kind == "onnx" for _, kind, _ in task["models"])
     # In an ONNX Runtime block torch only moves batches: one thread, so no idle torch pool competes for the cores.
     torch.set_num_threads(1 if fresh else int(task["threads"]))
+    # Every model is loaded once up front, so one that does not load is reported and left out rather than failing
+    # the block mid-round; in an ONNX Runtime block that costs one extra session build per model, dropped at once.
     for name, kind, path in task["models"]:
         try:
             model = _load(kind, path, threads=int(task["threads"]), registry=registry)  # loads: or say why not
@@ -333,8 +335,9 @@ def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], 
         log(f"  {name}: " + ", ".join(f"bs{bs} {figures[f'latency_bs{bs}']:.3g} ms" for bs in latency_sets))
     return {"rounds": rounds, "models": list(timed), "threads": threads,
             "protocol": (f"each runtime in its own fresh process; {rounds} rounds, each timing every model once per "
-                         "batch size (one pass over the latency sample) in an order rotated each round; figure = "
-                         "median of the rounds")}
+                         "batch size (one pass over the latency sample) in an order rotated each round; ONNX Runtime "
+                         "sessions built afresh for every pass (one alive at a time, torch at one thread in that "
+                         "process); figure = median of the rounds")}
 
 
 if __name__ == "__main__":  # the fresh process of _in_fresh_process
