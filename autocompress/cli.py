@@ -136,6 +136,12 @@ def baseline(
              for step, score in stats.get("checkpoints") or []]
     if stats.get("average"):
         lines.append(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}")
+    if stats.get("soup"):  # baseline.soup: each ingredient's validation score, then the greedy soup's
+        soup = stats["soup"]
+        lines += [f"soup ingredient {name}: validation accuracy {score * 100:.2f}"
+                  for name, score in zip(soup["ingredients"], soup["own_scores"])]
+        lines.append(f"kept the soup of {', '.join(soup['ingredients'][i] for i in soup['kept'])}: validation "
+                     f"accuracy {soup['score'] * 100:.2f}")
     lines += [_baseline_line(measure_baseline(prep), spec), f"Cached in {prep.baseline_dir} (key {prep.baseline_key})"]
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .baseline import _hash, _step_reporter, baseline_location, get_baseline  # noqa: F401 - engine's API too
 from .data import cache_root
 from .registry import Registry
-from .spec import Spec, without_later_defaults
+from .spec import Spec
 from .technique import TechniqueContext
 
 if TYPE_CHECKING:
@@ -38,10 +37,6 @@ def _subset_encoded(enc: "Encoded", index: Any) -> "Encoded":
 
     tt = None if enc.token_type_ids is None else [enc.token_type_ids[i] for i in index]
     return Encoded([enc.input_ids[i] for i in index], tt, enc.labels[index], 0)
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -237,99 +232,6 @@ def encode_latency_sets(spec: Spec, evaluation: Any, tokenizer: Any, *, cache_di
     return {bs: encode(split.subset(min(len(split), bs * m.max_batches), seed=spec.seed), tokenizer,
                        max_length=spec.model.max_length, cache_dir=cache_dir)
             for bs in m.batch_sizes}
-
-
-def baseline_location(spec: Spec, data: "TaskData") -> tuple[str, Path]:
-    """The cache key of a study's fine-tuned baseline (model, data, hyperparameters, seed) and its folder
-    (``model/`` inside holds the weights once fine-tuned)."""
-    from .modeling import resolve_model_path
-
-    baseline = without_later_defaults({"baseline": spec.baseline.model_dump(mode="json")})["baseline"]
-    if not baseline["select_checkpoints"]:
-        del baseline["select_checkpoints"]  # added later: keys of baselines cached before it stay valid
-    key = _hash({
-        "model": spec.model.model_dump(mode="json"),
-        "model_path": resolve_model_path(spec.model.name),
-        "data": data.fingerprint,
-        "baseline": baseline,
-        "seed": spec.seed,
-        "v": 1,
-    })
-    return key, cache_root() / "baselines" / key
-
-
-def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: Any, device: str,
-                 pad_token_id: int, log: Callable[[str], None], validation: "Encoded | None" = None,
-                 ) -> tuple["nn.Module", Path, str]:
-    """Fine-tune the base model once, cached by model, data and hyperparameters. With
-    ``baseline.select_checkpoints`` it keeps the checkpoint most accurate on ``validation`` (never on the
-    evaluation split, which only reports)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .modeling import load_base_classifier
-    from .train import fine_tune, steps_for
-
-    key, bdir = baseline_location(spec, data)
-    done = bdir / "model" / "config.json"
-    if done.is_file():
-        log(f"Reusing the cached fine-tuned baseline {bdir}")
-        model = AutoModelForSequenceClassification.from_pretrained(str(bdir / "model"))
-        return model.to(device).eval(), bdir, key
-    import torch
-
-    # The new classification head is drawn from torch's global generator: seeded here, a cold cache fine-tunes
-    # the same baseline on every machine and run (before 21dcf52 only the training was seeded).
-    torch.manual_seed(spec.seed)
-    model = load_base_classifier(spec.model, label_names=data.label_names)
-    b = spec.baseline
-    steps = steps_for(examples=len(train), batch_size=b.batch_size, epochs=b.epochs, max_steps=b.max_steps)
-    log(f"Fine-tuning the baseline: {steps} steps of batch {b.batch_size} on {len(train)} examples (cached afterwards)")
-    reporter = _step_reporter(log, steps)
-    score = None
-    if b.select_checkpoints:
-        from .measure import evaluate
-
-        if validation is None or not len(validation):
-            raise ValueError("baseline.select_checkpoints needs the validation split")  # a caller's bug
-
-        def score(m: "nn.Module") -> float:
-            accuracy = evaluate(m, validation, device=device, pad_token_id=pad_token_id)["accuracy"]
-            log(f"  checkpoint: validation accuracy {accuracy * 100:.2f}")
-            return accuracy
-
-    stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
-                      weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=spec.seed, device=device,
-                      pad_token_id=pad_token_id, on_step=reporter, checkpoints=b.select_checkpoints, score=score,
-                      average_last=b.average_checkpoints, group_by_length=b.group_by_length)
-    average = stats.get("average")
-    if average:
-        log(f"  kept the mean of the checkpoints of steps {', '.join(map(str, average['steps']))}: validation "
-            f"accuracy {average['score'] * 100:.2f}")
-    elif "best_step" in stats:
-        log(f"  kept the checkpoint of step {stats['best_step']}/{steps} (best validation accuracy)")
-    tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    (bdir / "train_stats.json").write_text(json.dumps(stats, indent=2))
-    if not done.is_file():
-        shutil.rmtree(bdir / "model", ignore_errors=True)
-    try:
-        tmp.rename(bdir / "model")  # atomic: an interrupted fine-tune never leaves a half-written cache
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process cached the same fine-tune first
-    return model.eval(), bdir, key
-
-
-def _step_reporter(log: Callable[[str], None], total: int) -> Callable[[int, int, float], None]:
-    start = time.perf_counter()
-    every = max(1, total // 10)
-
-    def report(step: int, steps: int, loss: float) -> None:
-        if step % every == 0 or step == steps:
-            el = time.perf_counter() - start
-            log(f"  step {step}/{steps}  loss {loss:.4f}  {el:.0f}s elapsed, ~{el / step * (steps - step):.0f}s left")
-
-    return report
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ technique's ``restore`` (structure only), then loads the weights strictly. Nothi
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -61,6 +63,30 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise ModelError(f"model.name {name!r}: no such directory; give an existing model directory, a hub id or 'default'")
     return name  # a hub id: from_pretrained will fetch it when online
+
+
+def model_fingerprint(name: str) -> str:
+    """What names the base model in cache keys: a hub id as given; a local directory (the packaged default
+    included) by the content of its top-level files, never by where it lies, so the same model installed
+    elsewhere (a fresh clone's virtualenv, another Ray node) finds the same cached baseline."""
+    path = resolve_model_path(name)
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    files = sorted(f for f in p.iterdir() if f.is_file())
+    return _content_hash(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _content_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    # Keyed on (path, size, mtime): a model directory is read once per process (~0.3 s for MiniLM's 90 MB).
+    h = hashlib.sha256()
+    for file, _size, _mtime in files:
+        h.update(Path(file).name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -80,6 +80,14 @@ class TrainSpec(_Strict):
         "(checkpoint averaging) instead of the best single checkpoint; its validation score is recorded"))
     group_by_length: bool = Field(False, description=(
         "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
+    seed: int | None = Field(None, description=(
+        "seed of the fine-tune (the new head's initialisation and the batch order); default: the spec's seed, "
+        "which also carves validation and stays the carve's seed whatever this says"))
+    soup: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "more fine-tunes to average with this one (a greedy model soup, Wortsman et al. 2022): each entry names "
+        "the baseline options it changes, e.g. {seed: 1} or {learning_rate: 3.0e-5}; each is fine-tuned and "
+        "cached as a baseline of its own, and an ingredient joins the weight mean only if validation accuracy "
+        "does not drop"))
 
     @model_validator(mode="after")
     def _averaging(self) -> "TrainSpec":
@@ -87,7 +95,24 @@ class TrainSpec(_Strict):
         if k and not 2 <= k <= self.select_checkpoints:
             raise ValueError(f"average_checkpoints={k} averages 2 to select_checkpoints "
                              f"({self.select_checkpoints}) checkpoints; raise select_checkpoints or set it to 0")
+        for i in range(len(self.soup)):
+            self.ingredient(i)  # each entry must make a valid recipe: checked when the spec loads
         return self
+
+    def ingredient(self, i: int) -> "TrainSpec":
+        """The recipe of soup entry ``i``: this one with the entry's changes (and no soup of its own)."""
+        changes = self.soup[i]
+        allowed = sorted(set(type(self).model_fields) - {"soup"})
+        unknown = sorted(set(changes) - set(allowed))
+        if not changes or unknown:
+            raise ValueError(f"soup[{i}] = {changes!r}: each soup entry is a mapping of the baseline options its "
+                             f"fine-tune changes ({', '.join(allowed)}), e.g. {{seed: 1}}"
+                             + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        try:
+            return TrainSpec(**{**self.model_dump(exclude={"soup"}), **changes})
+        except ValidationError as exc:
+            raise ValueError(f"soup[{i}] = {changes!r} makes an invalid recipe: "
+                             f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
 class RecoverySpec(_Strict):
@@ -104,6 +129,8 @@ class RecoverySpec(_Strict):
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("baseline", "average_checkpoints"): 0,
     ("baseline", "group_by_length"): False,
+    ("baseline", "seed"): None,
+    ("baseline", "soup"): [],
     ("recovery", "group_by_length"): False,
 }
 

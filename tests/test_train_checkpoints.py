@@ -59,16 +59,19 @@ def test_cache_key_of_baselines_without_selection_is_unchanged(tmp_path, tiny_mo
 
     from autocompress.data import load_task_data
 
+    from autocompress import baseline
+
     hashed = []
-    real = engine._hash
-    monkeypatch.setattr(engine, "_hash", lambda obj: hashed.append(obj) or real(obj))
+    real = baseline._hash
+    monkeypatch.setattr(baseline, "_hash", lambda obj: hashed.append(obj) or real(obj))
     path = write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)
     plain, selecting = load_spec(path), load_spec(path, overrides=["baseline.select_checkpoints=3"])
     data = load_task_data(plain.data, seed=plain.seed)
     key_plain, _ = engine.baseline_location(plain, data)
     key_selecting, _ = engine.baseline_location(selecting, data)
-    assert "select_checkpoints" not in hashed[0]["baseline"]  # keys cached before the option existed still match
-    assert hashed[1]["baseline"]["select_checkpoints"] == 3 and key_plain != key_selecting
+    keys = [h for h in hashed if "model_fingerprint" in h]  # not the look-ups of the older path-keyed caches
+    assert "select_checkpoints" not in keys[0]["baseline"]  # keys cached before the option existed still match
+    assert keys[1]["baseline"]["select_checkpoints"] == 3 and key_plain != key_selecting
 
 
 def _averaging_run(scores, *, average_last=3):
@@ -127,9 +130,10 @@ def test_cache_key_of_baselines_without_the_later_options_is_unchanged(tmp_path,
     data = load_task_data(spec.data, seed=spec.seed)
     key = engine.baseline_location(spec, data)[0]
     same = load_spec(path, overrides=["baseline.select_checkpoints=3", "baseline.average_checkpoints=0",
-                                      "baseline.group_by_length=false"])
+                                      "baseline.group_by_length=false", "baseline.seed=null", "baseline.soup=[]"])
     assert engine.baseline_location(same, data)[0] == key
-    for extra in ("baseline.average_checkpoints=2", "baseline.group_by_length=true"):
+    for extra in ("baseline.average_checkpoints=2", "baseline.group_by_length=true", "baseline.seed=1",
+                  "baseline.soup=[{seed: 1}]"):
         other = load_spec(path, overrides=["baseline.select_checkpoints=3", extra])
         assert engine.baseline_location(other, data)[0] != key, extra
 
