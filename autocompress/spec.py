@@ -109,10 +109,14 @@ class TrainSpec(_Strict):
                              f"fine-tune changes ({', '.join(allowed)}), e.g. {{seed: 1}}"
                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
         try:
-            return TrainSpec(**{**self.model_dump(exclude={"soup"}), **changes})
+            recipe = TrainSpec(**{**self.model_dump(exclude={"soup"}), **changes})
         except ValidationError as exc:
             raise ValueError(f"soup[{i}] = {changes!r} makes an invalid recipe: "
                              f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        if recipe == self.model_copy(update={"soup": []}):  # the same fine-tune twice would only weigh it double
+            raise ValueError(f"soup[{i}] = {changes!r} changes nothing in the recipe; give it another seed, "
+                             "learning rate or other option, or remove it")
+        return recipe
 
 
 class RecoverySpec(_Strict):

@@ -46,6 +46,7 @@ def test_a_single_ingredient_soup_is_that_ingredient():
     ("[{}]", "soup\\[0\\]"),
     ("[{learning_rate: 2}]", "invalid recipe"),
     ("[{soup: [{seed: 2}]}]", "unknown: soup"),
+    ("[{batch_size: 16}]", "changes nothing"),  # the tiny spec's own batch size
 ])
 def test_bad_soup_entries_are_refused_when_the_spec_loads(tmp_path, tiny_model_dir, tiny_data_dir, entry, message):
     from conftest import write_tiny_spec
