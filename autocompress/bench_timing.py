@@ -176,11 +176,37 @@ def timing_plan(studies: Path, joint_study: str, points: Sequence[Mapping[str, A
     return {k: v for k, v in (("pytorch", torch_block), ("onnxruntime", ort_block)) if v}
 
 
-def _load(kind: str, path: str, *, threads: int, registry: "Registry") -> Any:
+def worker_affinities(cpus: Sequence[int], threads: int) -> str | None:
+    """ONNX Runtime's ``session.intra_op_thread_affinities`` for a pool of ``threads`` whose calling thread runs on
+    ``cpus[0]``: worker k on ``cpus[k]`` (ONNX Runtime numbers processors from 1). None when there are too few."""
+    cpus = sorted(cpus)
+    if threads < 2 or len(cpus) < threads:
+        return None
+    return ";".join(str(c + 1) for c in cpus[1:threads])
+
+
+def pin_onnxruntime_threads(threads: int) -> str | None:
+    """Pin this (timing) process's calling thread to its first allowed CPU and return the affinities that put each
+    ONNX Runtime worker on a CPU of its own. Unpinned, a fresh session ran fast or ~1.5x slower for its whole
+    life, by where the OS placed its worker. ONNX Runtime int8 of the baseline, batches of 32 x 24 tokens, 16
+    sessions each (session 14, 2-core EPYC): unpinned 1.13-1.74 ms/example, 5 of 16 sessions in the slow mode;
+    pinned 1.14-1.27, none; 4.0 with the worker left on the calling thread's CPU. Through this module (8 timing
+    processes of 3 sessions each, the peer's 256 sentences) the medians were alike pinned or not (2.0-2.3 ms/ex
+    at bs32), with one pinned process at 2.8: pinning removes one cause of spread, not all."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None  # macOS, Windows: no pinning, as before
+    allowed = sorted(os.sched_getaffinity(0))
+    spec = worker_affinities(allowed, threads)
+    if spec is not None:
+        os.sched_setaffinity(0, {allowed[0]})  # this thread only; the workers get theirs from ONNX Runtime
+    return spec
+
+
+def _load(kind: str, path: str, *, threads: int, registry: "Registry", affinities: str | None = None) -> Any:
     if kind == "onnx":
         from .onnx_export import OrtClassifier
 
-        return OrtClassifier(path, threads=threads)
+        return OrtClassifier(path, threads=threads, thread_affinities=affinities)
     from .modeling import load_compressed
 
     model = load_compressed(path, registry=registry).cpu().eval()
@@ -206,13 +232,15 @@ def time_block(task: Mapping[str, Any]) -> dict[str, Any]:
     fresh = bool(task["models"]) and all(kind == "onnx" for _, kind, _ in task["models"])
     # In an ONNX Runtime block torch only moves batches: one thread, so no idle torch pool competes for the cores.
     torch.set_num_threads(1 if fresh else int(task["threads"]))
+    affinities = pin_onnxruntime_threads(int(task["threads"])) if fresh else None
     # Every model is loaded once up front, so one that does not load is reported and left out rather than failing
     # the block mid-round; in an ONNX Runtime block that costs one extra session build per model, dropped at once.
     for name, kind, path in task["models"]:
         try:
-            model = _load(kind, path, threads=int(task["threads"]), registry=registry)  # loads: or say why not
+            model = _load(kind, path, threads=int(task["threads"]), registry=registry,  # loads: or say why not
+                          affinities=affinities)
             models[name] = (lambda kind=kind, path=path: _load(kind, path, threads=int(task["threads"]),
-                                                              registry=registry)) if fresh else model
+                                                              registry=registry, affinities=affinities)) if fresh else model
             del model
         except Exception as exc:  # noqa: BLE001 - a model that does not load keeps its search-time figures
             skipped[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -337,7 +365,7 @@ def final_timing(studies: Path, joint_study: str, points: list[dict[str, Any]], 
             "protocol": (f"each runtime in its own fresh process; {rounds} rounds, each timing every model once per "
                          "batch size (one pass over the latency sample) in an order rotated each round; ONNX Runtime "
                          "sessions built afresh for every pass (one alive at a time, torch at one thread in that "
-                         "process); figure = median of the rounds")}
+                         "process, each of its threads pinned to a CPU of its own); figure = median of the rounds")}
 
 
 if __name__ == "__main__":  # the fresh process of _in_fresh_process

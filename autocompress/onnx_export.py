@@ -105,12 +105,14 @@ class OrtClassifier:
     inter-op thread, as a BERT graph is a chain.
     """
 
-    def __init__(self, path: str | Path, *, threads: int) -> None:
+    def __init__(self, path: str | Path, *, threads: int, thread_affinities: str | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
+        if thread_affinities:  # ONNX Runtime's format: one logical processor (1-based) per worker, ";"-separated
+            opts.add_session_config_entry("session.intra_op_thread_affinities", thread_affinities)
         opts.log_severity_level = 3  # errors only: its graph-optimiser notes are not the user's business
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -173,3 +173,29 @@ def test_latency_samples_cross_to_the_timing_process_as_plain_arrays(tmp_path):
     assert [len(x) for x in back[32].input_ids] == [3, 2] and back[32].input_ids[0].tolist() == [101, 7, 102]
     assert back[32].token_type_ids[1].tolist() == [0, 0] and back[1].token_type_ids is None
     assert back[1].labels.tolist() == [1]
+
+
+def test_each_onnx_runtime_worker_gets_a_cpu_of_its_own():
+    from autocompress.bench_timing import worker_affinities
+
+    assert worker_affinities([0, 1], 2) == "2"  # the calling thread on CPU 0, the worker on CPU 1 (1-based: 2)
+    assert worker_affinities([3, 1, 2, 0], 4) == "2;3;4"
+    assert worker_affinities([4, 6, 7], 2) == "7"  # a restricted CPU set (taskset, containers)
+    assert worker_affinities([0], 2) is None and worker_affinities([0, 1], 1) is None  # nothing to pin
+
+
+def test_the_timing_process_pins_onnx_runtime_threads(tmp_path, tiny_model_dir, monkeypatch):
+    """An all-ONNX block pins its calling thread and hands the workers' affinities to every session."""
+    import autocompress.bench_timing as bt
+
+    made = []
+    monkeypatch.setattr(bt, "pin_onnxruntime_threads", lambda threads: "2" if threads == 2 else None)
+    monkeypatch.setattr(bt, "_load", lambda kind, path, **kw: made.append(kw["affinities"]) or object())
+    monkeypatch.setattr(bt, "interleaved_latency", lambda models, *a, **kw: {n: m() if kw["fresh"] else m for n, m in models.items()})
+    task = {"models": [("a", "onnx", "a.onnx"), ("b", "onnx", "b.onnx")], "latency_sets": {}, "pad_token_id": 0,
+            "rounds": 1, "threads": 2}
+    bt.time_block(task)
+    assert made == ["2", "2", "2", "2"]  # each model loaded once up front, then once per pass
+    made.clear()
+    bt.time_block({**task, "models": [("t", "saved", "dir")]})  # PyTorch blocks are left alone
+    assert made == [None]
