@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 
 
 def average_state_dicts(states: Sequence[Mapping[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
-    """The element-wise mean of ``states``' floating-point tensors; other tensors (integer buffers such as
-    position ids) are taken from the first, where fine-tunes agree."""
-    import torch
+    """:func:`autocompress.train.average_states` (the checkpoint averaging of the baseline's fine-tune), once the
+    ingredients are checked to be one architecture: fine-tunes, unlike one run's checkpoints, may not be."""
+    from .train import average_states
 
     if not states:
         raise ValueError("average_state_dicts needs at least one state dict")
@@ -25,8 +25,7 @@ def average_state_dicts(states: Sequence[Mapping[str, "torch.Tensor"]]) -> dict[
         if set(sd) != set(first):
             raise ValueError(f"state dict {i} has other tensors than the first ({sorted(set(sd) ^ set(first))[:3]}): "
                              "a soup averages fine-tunes of one architecture")
-    return {k: (torch.stack([sd[k].float() for sd in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
-            for k, v in first.items()}
+    return average_states([dict(sd) for sd in states])
 
 
 def greedy_soup(states: Sequence[Mapping[str, Any]], score: Callable[[Mapping[str, Any]], float],
