@@ -148,6 +148,34 @@ def _soup_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer:
     return model
 
 
+def training_lines(stats: Mapping[str, Any]) -> list[str]:
+    """How a cached baseline was chosen, one line a step, from its ``train_stats.json``: each checkpoint's
+    validation score, the averaging, and for a soup each ingredient's score and what the greedy soup kept.
+    Shared by ``autocompress baseline`` and the bench report, so both say the same."""
+    lines = [f"checkpoint of step {step}: validation accuracy {score * 100:.2f}"
+             for step, score in stats.get("checkpoints") or []]
+    if stats.get("average"):
+        lines.append(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}: validation "
+                     f"accuracy {stats['average']['score'] * 100:.2f}")
+    elif "best_step" in stats:
+        lines.append(f"kept the checkpoint of step {stats['best_step']} (best validation accuracy)")
+    soup = stats.get("soup")
+    if soup:
+        lines += [f"soup ingredient {name}: validation accuracy {score * 100:.2f}"
+                  for name, score in zip(soup["ingredients"], soup["own_scores"])]
+        lines += [f"soup + {soup['ingredients'][i]}: validation accuracy {score * 100:.2f} "
+                  f"({'kept' if joined else 'left out'})" for i, score, joined in soup.get("tried") or []]
+        lines.append(f"kept the soup of {', '.join(soup['ingredients'][i] for i in soup['kept'])}: validation "
+                     f"accuracy {soup['score'] * 100:.2f}")
+    return lines
+
+
+def read_training(bdir: Path) -> dict[str, Any]:
+    """The ``train_stats.json`` of the baseline cached in ``bdir`` (empty if there is none)."""
+    f = bdir / "train_stats.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def _save_baseline(model: "nn.Module", stats: Mapping[str, Any], bdir: Path) -> None:
     done = bdir / "model" / "config.json"
     tmp = bdir / f"model.partial.{os.getpid()}"  # per process: workers starting together on a cold cache

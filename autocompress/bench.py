@@ -312,6 +312,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
               data: str | None = None, command: str, log: Callable[[str], None] = print) -> Path:
     from .bench_report import (draw_png, evaluate_targets, front_hypervolume, plot_data, report_md,
                                selection_agreement)
+    from .baseline import read_training, training_lines
     from .engine import measure_baseline, prepare
     from .modeling import describe_device
     from .search import run_search
@@ -333,6 +334,9 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
     prep = prepare(spec, registry, log=log)
     # Measured once, with the studies' protocol, and handed to every study (each would measure the same model).
     measured = {**measure_baseline(prep), "device": describe_device(prep.device)}
+    stats = read_training(prep.baseline_dir)
+    training = {"key": prep.baseline_key, "recipe": spec.baseline.model_dump(mode="json", exclude_defaults=True),
+                "stats": stats, "lines": training_lines(stats)}
     phases["baseline (fine-tune, or reuse the cached one; measure it)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     peers = measure_peers(prep, work=studies / PEERS_DIR, registry=registry, log=log)
@@ -421,7 +425,7 @@ def run_bench(spec: Spec, *, registry: Registry, out_dir: str | Path, trials_per
                   "its search; the speed targets use the final timing, where the joint front and the peers are "
                   "timed again in interleaved rounds, each runtime in its own fresh process" + ("" if final else " (not taken in this run)") + "."),
         "command": command, "machine": machine_description(threads),
-        "baseline": baseline_point, "peers": peers, "fronts": fronts,
+        "baseline": baseline_point, "baseline_training": training, "peers": peers, "fronts": fronts,
         "latency_metric": latency,
         "hypervolume": {k: front_hypervolume(v, base, latency=latency) for k, v in fronts.items()},
         "targets": targets, "profile": profiled, "final_timing": final,

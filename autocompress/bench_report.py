@@ -318,6 +318,19 @@ def _final_md(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _training_md(summary: Mapping[str, Any]) -> list[str]:
+    """How the fp32 baseline was fine-tuned: the spec's recipe and what it chose on validation (a summary
+    written before this section existed has none)."""
+    t = summary.get("baseline_training")
+    if not t:
+        return []
+    recipe = ", ".join(f"{k}={v}" for k, v in (t.get("recipe") or {}).items()) or "the defaults"
+    return (["", "## fp32 baseline: how it was fine-tuned", "",
+             f"Recipe (the spec's `baseline` section, options other than the defaults): {recipe}; cached under key "
+             f"`{t.get('key')}`. Every choice below was made on the validation split, never on the held-out one.", ""]
+            + [f"- {line}" for line in t.get("lines") or []])
+
+
 def report_md(summary: Mapping[str, Any]) -> str:
     base, latency = summary["baseline"], summary.get("latency_metric", "latency_bs32")
     lines = [f"# {summary['title']}", "", summary.get("intro", ""), "",
@@ -339,6 +352,7 @@ def report_md(summary: Mapping[str, Any]) -> str:
     lines += ["", "## Peers (the baseline as users deploy it today)", "", header(latency)]
     for name, p in summary["peers"].items():
         lines.append(point_row(str(p.get("label", name)), p, base, latency=latency))
+    lines += _training_md(summary)
     for name, pts in summary["fronts"].items():
         lines += ["", f"## Front: {name}", "", header(latency)]
         lines += [point_row(str(p.get("label")), p, base, latency=latency) for p in pts]

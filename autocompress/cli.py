@@ -122,6 +122,7 @@ def baseline(
     """Fine-tune (or reuse the cached) baseline of a spec and show how good it is: each checkpoint's validation
     accuracy, then the kept model's validation and held-out scores, latency and size. It warms the cache that
     search and bench reuse; compare recipes on validation, not on the held-out split."""
+    from .baseline import read_training, training_lines
     from .engine import measure_baseline, prepare
     from .search import _baseline_line
     from .spec import load_spec
@@ -130,18 +131,7 @@ def baseline(
     registry = _registry(plugin)
     spec = load_spec(spec_file, overrides=overrides)
     prep = prepare(spec, registry, log=_log)
-    stats_file = prep.baseline_dir / "train_stats.json"
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    lines = [f"checkpoint of step {step}: validation accuracy {score * 100:.2f}"
-             for step, score in stats.get("checkpoints") or []]
-    if stats.get("average"):
-        lines.append(f"kept the mean of steps {', '.join(map(str, stats['average']['steps']))}")
-    if stats.get("soup"):  # baseline.soup: each ingredient's validation score, then the greedy soup's
-        soup = stats["soup"]
-        lines += [f"soup ingredient {name}: validation accuracy {score * 100:.2f}"
-                  for name, score in zip(soup["ingredients"], soup["own_scores"])]
-        lines.append(f"kept the soup of {', '.join(soup['ingredients'][i] for i in soup['kept'])}: validation "
-                     f"accuracy {soup['score'] * 100:.2f}")
+    lines = training_lines(read_training(prep.baseline_dir))
     lines += [_baseline_line(measure_baseline(prep), spec), f"Cached in {prep.baseline_dir} (key {prep.baseline_key})"]
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)

@@ -103,6 +103,10 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_
     text = (out / "report.md").read_text()
     assert "## Targets" in text and "## Front: joint" in text and summary["command"] in text
     assert "## Final timing" in text
+    # how the baseline was fine-tuned: the recipe, its cache key, what was chosen on validation
+    training = summary["baseline_training"]
+    assert training["key"] and training["recipe"].get("max_steps") and "## fp32 baseline: how it was fine-tuned" in text
+    assert f"`{training['key']}`" in text
     # the studies are ordinary studies: one technique each for the singles, always on
     single = json.loads((out / "studies/tb-quantization/trials.json").read_text())["trials"]
     assert all(r["pipeline"] == ["quantization"] for r in single if r["state"] == "COMPLETE")

@@ -86,3 +86,20 @@ def test_the_baseline_soup_fine_tunes_each_ingredient_once_and_keeps_the_greedy_
     again, _, _ = get_baseline(spec, data, train, **kw)  # reused, nothing fine-tuned
     assert any("Reusing" in line for line in logs) and not any("Fine-tuning" in line for line in logs)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_training_lines_say_what_was_chosen_on_validation():
+    from autocompress.baseline import training_lines
+
+    stats = {"checkpoints": [[10, 0.8], [20, 0.85]], "average": {"steps": [10, 20], "score": 0.84},
+             "soup": {"ingredients": ["the recipe itself", "seed=1"], "own_scores": [0.84, 0.9],
+                      "tried": [[0, 0.88, False]], "kept": [1], "score": 0.9}}
+    assert training_lines(stats) == [
+        "checkpoint of step 10: validation accuracy 80.00", "checkpoint of step 20: validation accuracy 85.00",
+        "kept the mean of steps 10, 20: validation accuracy 84.00",
+        "soup ingredient the recipe itself: validation accuracy 84.00", "soup ingredient seed=1: validation accuracy 90.00",
+        "soup + the recipe itself: validation accuracy 88.00 (left out)",
+        "kept the soup of seed=1: validation accuracy 90.00"]
+    assert training_lines({"checkpoints": [[5, 0.7]], "best_step": 5})[-1] == \
+        "kept the checkpoint of step 5 (best validation accuracy)"
+    assert training_lines({}) == []
