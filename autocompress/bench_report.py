@@ -385,8 +385,10 @@ def report_md(summary: Mapping[str, Any]) -> str:
                   f"- techniques: {', '.join(b.get('techniques') or [])}"]
         warm = b.get("warm_starts") or []
         if warm:
-            lines.append(f"- the joint study was seeded with {len(warm)} compositions of the single fronts' in-target "
-                         "points (they are among its trials, enqueued first; `autocompress bench` builds them):")
+            lines.append(f"- the joint study was seeded with {len(warm)} pipelines from the single fronts: the best "
+                         "front's points as they are, then that front's in-target pick composed with each other "
+                         "technique's pick (they are among its trials, enqueued first; `autocompress bench` builds "
+                         "them with `compose_warm_starts`):")
             lines += [f"  - {' + '.join(w)}: `{params_summary(w)}`" for w in warm]
     if summary.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]

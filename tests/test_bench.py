@@ -167,3 +167,39 @@ def test_joint_seeds_compose_the_single_fronts_in_target_points():
     ]
     assert compose_warm_starts({"sharing": fronts["sharing"]}, base, latency="latency_bs32",
                                compatible=lambda names: True) == []
+
+
+def test_joint_seeds_keep_the_best_front_and_relax_picks_when_one_technique_is_in_target():
+    """Session 16: with a strong baseline only quantization had an in-target point, and the joint study got
+    one seed. Now it gets the anchor's front verbatim and compositions with the others' near-target points."""
+    from autocompress.bench import compose_warm_starts
+
+    base = {"accuracy": 0.90, "latency_bs32": 8.0, "size_mb": 90.0}
+
+    def row(params, acc, ms, mb):
+        return {"params": params, "metrics": {"accuracy": acc, "latency_bs32": ms, "size_mb": mb}}
+
+    q8, q4, q4e3 = {"bits": 8}, {"bits": 4}, {"bits": 4, "embedding_bits": 3}
+    fronts = {
+        "quantization": [row({"quantization": q4e3}, 0.880, 3.3, 10.0),   # out of target, most compressed
+                         row({"quantization": q8}, 0.895, 4.0, 23.0),     # in target: the pick
+                         row({"quantization": q4}, 0.888, 3.4, 12.0)],    # out of target, more accurate
+        "head_pruning": [row({"head_pruning": {"fraction": 0.3}}, 0.8887, 7.0, 86.0),   # 1.13 points: relaxed
+                         row({"head_pruning": {"fraction": 0.5}}, 0.870, 6.0, 84.0)],   # 3 points: never
+        "low_rank": [row({"low_rank": {"ffn": 0.7}}, 0.8853, 7.4, 86.0)],   # 1.47 points, gain 1.13: relaxed
+        "distillation": [row({"distillation": {"depth": 1.0}}, 0.8867, 8.8, 90.0)],   # no gain
+        "movement_pruning": [row({"movement_pruning": {"sparsity": 0.5}}, 0.878, 7.9, 75.0)],  # 2.2 points
+    }
+    seeds = compose_warm_starts(fronts, base, latency="latency_bs32", compatible=lambda names: True)
+    hp, lr = {"fraction": 0.3}, {"ffn": 0.7}
+    assert seeds == [
+        {"quantization": q8}, {"quantization": q4}, {"quantization": q4e3},   # the anchor's front, verbatim
+        {"quantization": q8, "head_pruning": hp},                             # relaxed picks, best gain first
+        {"quantization": q8, "low_rank": lr},
+        {"quantization": q8, "head_pruning": hp, "low_rank": lr},
+    ]
+    # Fewer seeds when asked; relaxed picks alone make no anchor (nothing in target to start from).
+    assert compose_warm_starts(fronts, base, latency="latency_bs32", compatible=lambda names: True,
+                               verbatim=1, limit=2) == seeds[:1] + seeds[3:4]
+    del fronts["quantization"]
+    assert compose_warm_starts(fronts, base, latency="latency_bs32", compatible=lambda names: True) == []
