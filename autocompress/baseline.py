@@ -99,7 +99,8 @@ def get_baseline(spec: Spec, data: "TaskData", train: "Encoded", *, tokenizer: A
     stats = fine_tune(model, train, steps=steps, batch_size=b.batch_size, learning_rate=b.learning_rate,
                       weight_decay=b.weight_decay, warmup_ratio=b.warmup_ratio, seed=seed, device=device,
                       pad_token_id=pad_token_id, on_step=reporter, checkpoints=b.select_checkpoints, score=score,
-                      average_last=b.average_checkpoints, group_by_length=b.group_by_length)
+                      average_last=b.average_checkpoints, group_by_length=b.group_by_length,
+                      micro_batches=b.micro_batches)
     average = stats.get("average")
     if average:
         log(f"  kept the mean of the checkpoints of steps {', '.join(map(str, average['steps']))}: validation "

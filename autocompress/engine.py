@@ -89,7 +89,8 @@ class Prepared:
         return fine_tune(model, self.train, steps=steps, batch_size=r.batch_size,
                          learning_rate=r.learning_rate if learning_rate is None else learning_rate,
                          warmup_ratio=r.warmup_ratio, seed=self.spec.seed, device=self.device, hooks=hooks,
-                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length, on_step=on_step)
+                         pad_token_id=self.pad_token_id, group_by_length=r.group_by_length,
+                         micro_batches=r.micro_batches, on_step=on_step)
 
     def _context_fine_tune(self, model: "nn.Module", *, steps: int, hooks: list, learning_rate: float | None = None,
                            log: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -80,6 +80,11 @@ class TrainSpec(_Strict):
         "(checkpoint averaging) instead of the best single checkpoint; its validation score is recorded"))
     group_by_length: bool = Field(False, description=(
         "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
+    micro_batches: int = Field(1, ge=1, description=(
+        "split each batch into N length-sorted micro-batches, each padded to its own longest example, and add "
+        "up their gradients before the one optimiser step: the same batches and updates as 1 (unlike "
+        "group_by_length), with fewer padded tokens; on SST-2's short phrases 3 cut a MiniLM step by about a "
+        "third on a 2-core CPU. Weighs hidden-state distillation losses per example rather than per token"))
     seed: int | None = Field(None, description=(
         "seed of the fine-tune (the new head's initialisation and the batch order); default: the spec's seed, "
         "which also carves validation and stays the carve's seed whatever this says"))
@@ -126,6 +131,11 @@ class RecoverySpec(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     group_by_length: bool = Field(False, description=(
         "draw batches of similar length (fewer padded tokens: faster steps on short texts)"))
+    micro_batches: int = Field(1, ge=1, description=(
+        "split each batch into N length-sorted micro-batches, each padded to its own longest example, and add "
+        "up their gradients before the one optimiser step: the same batches and updates as 1 (unlike "
+        "group_by_length), with fewer padded tokens; on SST-2's short phrases 3 cut a MiniLM step by about a "
+        "third on a 2-core CPU. Weighs hidden-state distillation losses per example rather than per token"))
 
 
 # Options added after studies and baselines were cached: left out of study fingerprints and baseline cache
@@ -136,6 +146,8 @@ ADDED_LATER: dict[tuple[str, str], Any] = {
     ("baseline", "seed"): None,
     ("baseline", "soup"): [],
     ("recovery", "group_by_length"): False,
+    ("baseline", "micro_batches"): 1,
+    ("recovery", "micro_batches"): 1,
 }
 
 

@@ -10,6 +10,7 @@ from .errors import TrialError
 from .technique import TrainingHooks
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .data import Encoded
@@ -33,6 +34,7 @@ def fine_tune(
     score: Callable[["nn.Module"], float] | None = None,
     average_last: int = 0,
     group_by_length: bool = False,
+    micro_batches: int = 1,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimiser steps of cross-entropy plus the hooks' loss terms.
 
@@ -42,7 +44,8 @@ def fine_tune(
     model ends with the mean of the last K checkpoints' weights instead (checkpoint averaging, a fixed recipe
     as in Vaswani et al. 2017; "model soups" for fine-tuning), and the mean's score is recorded.
     ``group_by_length`` draws batches of similar length (fewer padded tokens, so faster steps;
-    :func:`autocompress.data.length_grouped`). Returns
+    :func:`autocompress.data.length_grouped`). ``micro_batches`` = N > 1 splits each batch by length
+    (:func:`split_by_length`) and accumulates the parts' gradients: the same step, fewer padded tokens. Returns
     ``{"steps", "final_loss", "seconds"}``, plus ``"checkpoints"`` ([step, score] each) and ``"best_step"``
     when selecting, and ``"average"`` ({"steps", "score"}) when averaging. A non-finite loss raises
     :class:`TrialError` (the trial is recorded as failed with that reason; the study goes on).
@@ -53,6 +56,8 @@ def fine_tune(
         return {"steps": 0, "final_loss": None, "seconds": 0.0}
     if checkpoints and score is None:
         raise ValueError("fine_tune(checkpoints=N) needs score=: the function that rates a checkpoint")
+    if micro_batches < 1:
+        raise ValueError(f"fine_tune(micro_batches={micro_batches}) needs 1 or more parts per batch")
     if average_last and not 2 <= average_last <= checkpoints:
         raise ValueError(f"fine_tune(average_last={average_last}) averages 2 to checkpoints={checkpoints} "
                          "of the scored checkpoints; raise checkpoints or set average_last=0")
@@ -87,7 +92,7 @@ def fine_tune(
         stats = _loop(model, enc, steps=steps, batch_size=batch_size, seed=seed, device=device, hooks=hooks,
                       pad_token_id=pad_token_id, on_step=on_step, optimizer=optimizer, scheduler=scheduler,
                       groups=groups, want_hidden=want_hidden, want_attn=want_attn, task_weight=task_weight,
-                      keeper=keeper, group_by_length=group_by_length)
+                      keeper=keeper, group_by_length=group_by_length, micro_batches=micro_batches)
     finally:
         if want_attn and saved_impl is not None:
             config._attn_implementation = saved_impl
@@ -150,7 +155,8 @@ def average_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, on_step, optimizer, scheduler,
-          groups, want_hidden, want_attn, task_weight, keeper=None, group_by_length=False) -> dict[str, Any]:
+          groups, want_hidden, want_attn, task_weight, keeper=None, group_by_length=False,
+          micro_batches=1) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -165,33 +171,39 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
         for h in hooks:
             if h.before_step:
                 h.before_step(step, steps)
-        batch = next(data)
-        labels = batch.pop("labels")
-        index = batch.pop("example_index")
         kwargs: dict[str, Any] = {}
         if want_hidden:
             kwargs["output_hidden_states"] = True
         if want_attn:
             kwargs["output_attentions"] = True
-        outputs = model(**batch, **kwargs)
-        loss = task_weight * F.cross_entropy(outputs.logits, labels) if task_weight else outputs.logits.sum() * 0
-        batch["labels"] = labels
-        batch["example_index"] = index  # hooks look up cached teacher outputs by it
-        for h in hooks:
-            if h.loss:
-                loss = loss + h.loss(batch, outputs, model)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise TrialError(f"training loss became {loss_value} at step {step + 1}/{steps}; lower the learning rate or the compression")
-        t_backward = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value, backward_seconds = 0.0, 0.0
+        for part, share in split_by_length(next(data), micro_batches):
+            labels = part.pop("labels")
+            index = part.pop("example_index")
+            outputs = model(**part, **kwargs)
+            loss = task_weight * F.cross_entropy(outputs.logits, labels) if task_weight else outputs.logits.sum() * 0
+            part["labels"] = labels
+            part["example_index"] = index  # hooks look up cached teacher outputs by it
+            for h in hooks:
+                if h.loss:
+                    loss = loss + h.loss(part, outputs, model)
+            if share != 1.0:
+                loss = loss * share  # the parts' losses add up to the whole batch's mean loss
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrialError(f"training loss became {value} at step {step + 1}/{steps}; lower the learning rate or the compression")
+            loss_value += value
+            t_backward = time.perf_counter()
+            loss.backward()
+            backward_seconds += time.perf_counter() - t_backward
+        t_backward = time.perf_counter()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
-        add_compute(time.perf_counter() - t_backward)  # forward passes are timed by the clock's hooks
+        add_compute(backward_seconds + time.perf_counter() - t_backward)  # forwards are timed by the clock's hooks
         for h in hooks:
             if h.after_step:
                 h.after_step(step, steps)
@@ -202,6 +214,25 @@ def _loop(model, enc, *, steps, batch_size, seed, device, hooks, pad_token_id, o
     model.eval()
     optimizer.zero_grad(set_to_none=True)
     return {"steps": steps, "final_loss": loss_value, "seconds": time.perf_counter() - start}
+
+
+def split_by_length(batch: dict[str, "torch.Tensor"], parts: int) -> list[tuple[dict[str, "torch.Tensor"], float]]:
+    """``batch`` (right-padded, as :func:`autocompress.data.batches` makes them) cut into ``parts``
+    length-sorted micro-batches, each trimmed to its own longest example, with each part's share of the
+    examples. Random batches of short texts pad to their longest (SST-2: ~3x the mean length), so the short
+    parts skip most of that padding; the examples and the step are the same as the whole batch's."""
+    import torch
+
+    size = len(batch["labels"])
+    mask = batch.get("attention_mask")
+    if parts <= 1 or size <= 1 or mask is None:
+        return [(batch, 1.0)]
+    lengths = mask.sum(dim=1)
+    out = []
+    for idx in torch.tensor_split(torch.argsort(lengths, stable=True), min(parts, size)):
+        width = int(lengths[idx].max())
+        out.append(({k: v[idx, :width] if v.dim() == 2 else v[idx] for k, v in batch.items()}, len(idx) / size))
+    return out
 
 
 def steps_for(*, examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
