@@ -203,3 +203,11 @@ def test_joint_seeds_keep_the_best_front_and_relax_picks_when_one_technique_is_i
                                verbatim=1, limit=2) == seeds[:1] + seeds[3:4]
     del fronts["quantization"]
     assert compose_warm_starts(fronts, base, latency="latency_bs32", compatible=lambda names: True) == []
+
+
+def test_machine_description_names_the_cpu_isa():
+    """int8 latency and accuracy depend on AVX2 vs AVX512-VNNI code paths, so a report must say which ran."""
+    from autocompress.bench import cpu_isa, machine_description
+
+    isa = cpu_isa()
+    assert isa.startswith("ISA ") and isa in machine_description(1)
