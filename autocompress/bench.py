@@ -65,7 +65,8 @@ def compose_warm_starts(fronts: Mapping[str, Sequence[Mapping[str, Any]]], basel
 
     A row's *gain* is its latency ratio x size ratio to the baseline; rows gaining less than ``min_gain``
     (timing noise, or a setting that changes nothing) are never picked. A technique's *pick* is its row within
-    ``max_drop`` validation accuracy of the baseline that gains most; a technique with no such row may still
+    ``max_drop`` validation accuracy of the baseline that gains most (rows that change neither FLOPs nor bytes,
+    where both are known, count as no gain: their latency ratio is noise); a technique with no such row may still
     offer its most accurate row within ``relaxed_drop`` (a *relaxed* pick, ranked after every in-target one):
     with a strong baseline, a milder technique's best point often sits just outside the target, and leaving
     it out left the joint study one technique to compose (session 16). The *anchor* is the best pick.
@@ -84,10 +85,21 @@ def compose_warm_starts(fronts: Mapping[str, Sequence[Mapping[str, Any]]], basel
     def drop(r: Mapping[str, Any]) -> float:
         return base_acc - r["metrics"]["accuracy"]
 
+    base_flops = baseline.get("flops")
+
+    def changes_cost(r: Mapping[str, Any]) -> bool:
+        # A latency ratio alone can be timing noise: a search-time baseline timed 18% slow made weight sharing's
+        # mode=none (the unchanged model) look 1.32x faster and take a seed slot (session 18). FLOPs and bytes
+        # are deterministic, so a row that changes neither changes nothing.
+        m = r["metrics"]
+        if not base_flops or m.get("flops") is None:
+            return True
+        return m["flops"] < 0.999 * float(base_flops) or m["size_mb"] < 0.999 * base_mb
+
     # (rank, row): rank 0 = in-target pick, 1 = relaxed pick; the anchor needs an in-target one.
     picks: dict[str, tuple[int, Mapping[str, Any]]] = {}
     for name, rows in fronts.items():
-        useful = [r for r in rows if gain(r) >= min_gain]
+        useful = [r for r in rows if gain(r) >= min_gain and changes_cost(r)]
         strict = max((r for r in useful if drop(r) <= max_drop), key=gain, default=None)
         relaxed = max((r for r in useful if drop(r) <= relaxed_drop), key=lambda r: (-drop(r), gain(r)), default=None)
         if strict is not None:
@@ -102,7 +114,7 @@ def compose_warm_starts(fronts: Mapping[str, Sequence[Mapping[str, Any]]], basel
     def pipeline(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         return {name: dict(p) for r in rows for name, p in r["params"].items()}
 
-    own = [r for r in fronts[anchor] if gain(r) >= min_gain]
+    own = [r for r in fronts[anchor] if gain(r) >= min_gain and changes_cost(r)]
     own = (sorted((r for r in own if drop(r) <= max_drop), key=gain, reverse=True)
            + sorted((r for r in own if drop(r) > max_drop), key=drop))
     candidates = [pipeline([r]) for r in own[:verbatim]]
@@ -138,14 +150,13 @@ def cpu_isa() -> str:
     (1.6x) and int8 accuracy between two machines both named "AMD EPYC" (session 17)."""
     import torch
 
+    from .modeling import cpuinfo_field
+
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - older torch, or a build without the probe
         cap = "unknown"
-    try:
-        flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = (cpuinfo_field("flags") or "").split()
     extra = [f for f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return f"ISA {cap}" + (f" ({', '.join(extra)})" if extra else (" (no VNNI)" if flags else ""))
 

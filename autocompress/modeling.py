@@ -107,15 +107,21 @@ def describe_device(device: str) -> str:
     return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` field of Linux's /proc/cpuinfo (e.g. "model name", "flags"); None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == name:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def load_tokenizer(model: ModelSpec):

@@ -211,3 +211,49 @@ def test_machine_description_names_the_cpu_isa():
 
     isa = cpu_isa()
     assert isa.startswith("ISA ") and isa in machine_description(1)
+
+
+def test_cpuinfo_field_reads_named_fields_only(tmp_path, monkeypatch):
+    """cpu_name and cpu_isa share one /proc/cpuinfo reader: it matches the whole key, not a prefix."""
+    import autocompress.modeling as modeling
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512_vnni\n"
+                    "flags2\t: nope\n")
+    real_path = modeling.Path
+    monkeypatch.setattr(modeling, "Path", lambda p: fake if p == "/proc/cpuinfo" else real_path(p))
+    assert modeling.cpuinfo_field("model name") == "Test CPU 9000"
+    assert modeling.cpuinfo_field("flags") == "fpu avx2 avx512_vnni"
+    assert modeling.cpuinfo_field("model") is None
+    assert modeling.cpu_name() == "Test CPU 9000"
+    from autocompress.bench import cpu_isa
+
+    assert cpu_isa().endswith("(avx512_vnni)")
+    fake.unlink()
+    assert modeling.cpuinfo_field("flags") is None
+
+
+def test_joint_seeds_skip_rows_that_change_neither_flops_nor_bytes():
+    """Session 18: the search-time baseline was timed 18% slow, so weight sharing's mode=none (the unchanged
+    model) looked 1.32x faster and took a seed slot. FLOPs and size are deterministic: such a row is no gain."""
+    from autocompress.bench import compose_warm_starts
+
+    base = {"accuracy": 0.90, "latency_bs32": 10.0, "size_mb": 90.0, "flops": 1000.0}
+
+    def row(params, acc, ms, mb, flops):
+        return {"params": params, "metrics": {"accuracy": acc, "latency_bs32": ms, "size_mb": mb, "flops": flops}}
+
+    q8 = {"bits": 8}
+    fronts = {
+        "quantization": [row({"quantization": q8}, 0.899, 5.5, 23.0, 1000.0)],             # size: a real gain
+        "weight_sharing": [row({"weight_sharing": {"mode": "none"}}, 0.90, 7.6, 90.0, 1000.0)],   # noise only
+        "tokens": [row({"tokens": {"keep": 0.7}}, 0.899, 8.0, 90.0, 800.0)],               # FLOPs: a real gain
+    }
+    seeds = compose_warm_starts(fronts, base, latency="latency_bs32", compatible=lambda names: True)
+    assert seeds == [{"quantization": q8}, {"quantization": q8, "tokens": {"keep": 0.7}}]
+    # Without FLOPs on the rows (older studies) the latency ratio decides, as before.
+    for rows in fronts.values():
+        for r in rows:
+            del r["metrics"]["flops"]
+    assert {"quantization": q8, "weight_sharing": {"mode": "none"}} in compose_warm_starts(
+        fronts, base, latency="latency_bs32", compatible=lambda names: True)
