@@ -241,7 +241,8 @@ def encode_latency_sets(spec: Spec, evaluation: Any, tokenizer: Any, *, cache_di
 
 
 def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: Mapping[str, Any],
-            recipe: list[dict[str, Any]], flops: float | None = None) -> dict[str, Any]:
+            recipe: list[dict[str, Any]], flops: float | None = None,
+            latency_repeats: int | None = None) -> dict[str, Any]:
     from .measure import evaluate, flops_per_example
     from .modeling import param_count, save_compressed
 
@@ -254,7 +255,7 @@ def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: 
     ev = evaluate(model, prep.evaluation, device=prep.device, pad_token_id=prep.pad_token_id)
     metrics.update(val)
     metrics.update({f"eval_{k}": v for k, v in ev.items()})
-    metrics.update(latency_metrics(model, prep, device=prep.device))
+    metrics.update(latency_metrics(model, prep, device=prep.device, repeats=latency_repeats))
     metrics["size_mb"] = size / 1e6
     metrics["size_bytes"] = size
     metrics["params"] = param_count(model)
@@ -265,15 +266,16 @@ def measure(model: "nn.Module", prep: Prepared, *, save_dir: Path, base_config: 
     return metrics
 
 
-def latency_metrics(model: Any, prep: Prepared, *, device: str) -> dict[str, Any]:
+def latency_metrics(model: Any, prep: Prepared, *, device: str, repeats: int | None = None) -> dict[str, Any]:
     """``latency_bs{N}`` (median ms/example) and its spread for every configured batch size, with the study's
-    protocol on its fixed latency sample: one definition for trials, the baseline, ONNX Runtime and peers."""
+    protocol on its fixed latency sample: one definition for trials, the baseline, ONNX Runtime and peers.
+    ``repeats`` overrides ``measurement.repeats`` (the baseline's timing takes more)."""
     from .measure import latency_ms_per_example
 
     m, out = prep.spec.measurement, {}
     for bs, enc in prep.latency_sets.items():
-        lat = latency_ms_per_example(model, enc, batch_size=bs, device=device, warmup=m.warmup, repeats=m.repeats,
-                                     pad_token_id=prep.pad_token_id)
+        lat = latency_ms_per_example(model, enc, batch_size=bs, device=device, warmup=m.warmup,
+                                     repeats=m.repeats if repeats is None else repeats, pad_token_id=prep.pad_token_id)
         out[f"latency_bs{bs}"], out[f"latency_bs{bs}_spread"] = lat["median"], [lat["min"], lat["max"]]
     return out
 
@@ -324,11 +326,19 @@ def measure_onnxruntime(model_dir: Path, prep: Prepared, metrics: dict[str, Any]
     metrics["runtime"] = f"onnxruntime ({(info.get('int8') or {}).get('kernels', 'fp32')})"
 
 
+# The baseline is timed once and every latency ratio of the study (speed-ups, hypervolume, the joint seeds'
+# gains) divides by it, so a burst of noise there moves them all: a 5-pass timing read 10.13 ms/ex where the same
+# model took 8.60 two minutes later (session 18). More passes make its median harder to move, for ~1 min more.
+BASELINE_REPEATS_FACTOR = 3
+
+
 def measure_baseline(prep: Prepared) -> dict[str, Any]:
+    """The baseline's metrics, with ``BASELINE_REPEATS_FACTOR`` times the study's timed passes."""
     from .modeling import config_snapshot
 
     with tempfile.TemporaryDirectory() as tmp:
-        return measure(prep.baseline, prep, save_dir=Path(tmp), base_config=config_snapshot(prep.baseline), recipe=[])
+        return measure(prep.baseline, prep, save_dir=Path(tmp), base_config=config_snapshot(prep.baseline), recipe=[],
+                       latency_repeats=BASELINE_REPEATS_FACTOR * prep.spec.measurement.repeats)
 
 
 # ----------------------------------------------------------------------------------------------------------

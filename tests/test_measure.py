@@ -40,3 +40,32 @@ def test_flops_count_attention_and_drop_with_pruning(tiny_model):
     prune_heads(tiny_model, [[0, 1], [0, 1]])  # half the heads in each layer: Q/K/V/O and the core halve
     pruned = 2 * t * (2 * h * h + 2 * h * inter) * layers + 2 * 2 * t * t * (h // 2) * layers + pooler_and_head
     assert flops_per_example(tiny_model, enc) == pytest.approx(pruned)
+
+
+def test_the_baseline_is_timed_with_more_passes_than_a_trial(tmp_path, tiny_model_dir, tiny_data_dir, isolated_cache,
+                                                              monkeypatch):
+    """Every latency ratio of a study divides by the baseline's one timing, so it takes BASELINE_REPEATS_FACTOR
+    times the passes of a trial's (a noisy 5-pass baseline read 18% slow in session 18)."""
+    import autocompress.measure as measure_mod
+    from autocompress.engine import BASELINE_REPEATS_FACTOR, latency_metrics, measure_baseline, prepare
+    from autocompress.registry import load_registry
+    from autocompress.spec import load_spec
+    from conftest import write_tiny_spec
+
+    prep = prepare(load_spec(write_tiny_spec(tmp_path, tiny_model_dir, tiny_data_dir)), load_registry())
+    seen: list[int] = []
+    real = measure_mod.latency_ms_per_example
+
+    def spy(*args, repeats, **kwargs):
+        seen.append(repeats)
+        return real(*args, repeats=repeats, **kwargs)
+
+    monkeypatch.setattr(measure_mod, "latency_ms_per_example", spy)
+    n = prep.spec.measurement.repeats
+    out = measure_baseline(prep)
+    assert BASELINE_REPEATS_FACTOR > 1
+    assert seen == [BASELINE_REPEATS_FACTOR * n] * len(prep.latency_sets)
+    assert all(out[f"latency_bs{bs}"] > 0 for bs in prep.latency_sets)
+    seen.clear()
+    latency_metrics(prep.baseline, prep, device=prep.device)   # a trial's timing keeps the spec's passes
+    assert seen == [n] * len(prep.latency_sets)
