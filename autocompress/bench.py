@@ -96,12 +96,15 @@ def compose_warm_starts(fronts: Mapping[str, Sequence[Mapping[str, Any]]], basel
             return True
         return m["flops"] < 0.999 * float(base_flops) or m["size_mb"] < 0.999 * base_mb
 
+    def useful(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        return [r for r in rows if gain(r) >= min_gain and changes_cost(r)]
+
     # (rank, row): rank 0 = in-target pick, 1 = relaxed pick; the anchor needs an in-target one.
     picks: dict[str, tuple[int, Mapping[str, Any]]] = {}
     for name, rows in fronts.items():
-        useful = [r for r in rows if gain(r) >= min_gain and changes_cost(r)]
-        strict = max((r for r in useful if drop(r) <= max_drop), key=gain, default=None)
-        relaxed = max((r for r in useful if drop(r) <= relaxed_drop), key=lambda r: (-drop(r), gain(r)), default=None)
+        kept = useful(rows)
+        strict = max((r for r in kept if drop(r) <= max_drop), key=gain, default=None)
+        relaxed = max((r for r in kept if drop(r) <= relaxed_drop), key=lambda r: (-drop(r), gain(r)), default=None)
         if strict is not None:
             picks[name] = (0, strict)
         elif relaxed is not None:
@@ -114,7 +117,7 @@ def compose_warm_starts(fronts: Mapping[str, Sequence[Mapping[str, Any]]], basel
     def pipeline(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         return {name: dict(p) for r in rows for name, p in r["params"].items()}
 
-    own = [r for r in fronts[anchor] if gain(r) >= min_gain and changes_cost(r)]
+    own = useful(fronts[anchor])
     own = (sorted((r for r in own if drop(r) <= max_drop), key=gain, reverse=True)
            + sorted((r for r in own if drop(r) > max_drop), key=drop))
     candidates = [pipeline([r]) for r in own[:verbatim]]
