@@ -293,6 +293,21 @@ def check_onnx(tech: Technique, registry: "Registry") -> str | None:
     return None
 
 
+def check_cuda(tech: Technique, registry: "Registry") -> None:
+    """Identity and save/reload on CUDA; skips (saying why) without a CUDA device or where the technique
+    declares it does not run there."""
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = tech.supports(tiny_model(), device="cuda")
+    if reason:
+        pytest.skip(f"{tech.name} does not run on CUDA: {reason}")
+    check_identity(tech, device="cuda", atol=1e-4)
+    check_save_reload(tech, registry, device="cuda", atol=1e-5)
+
+
 def check_pair(a: Technique, b: Technique, registry: "Registry", *, device: str = "cpu") -> str | None:
     """``a`` and ``b`` compose (pipeline, recovery, save/reload), or their incompatibility is declared.
     Returns the declared reason, or ``None`` when the pair was run."""
@@ -338,16 +353,7 @@ class TechniqueContract:
         check_save_reload(self.technique, self.registry())
 
     def test_cuda(self) -> None:
-        import pytest
-        import torch
-
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device")
-        reason = self.technique.supports(tiny_model(), device="cuda")
-        if reason:
-            pytest.skip(f"{self.technique.name} does not run on CUDA: {reason}")
-        check_identity(self.technique, device="cuda", atol=1e-4)
-        check_save_reload(self.technique, self.registry(), device="cuda", atol=1e-5)
+        check_cuda(self.technique, self.registry())
 
     def test_onnx_support_is_truthful(self) -> None:
         import pytest

@@ -1,5 +1,6 @@
 """Every registered technique passes the public contract suite, and every pair composes or is declared
-incompatible (autocompress.testing)."""
+incompatible (autocompress.testing). The built-ins run it here, once each; their own test modules test what is
+specific to them."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def test_effect(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_save_reload(name):
     testing.check_save_reload(REGISTRY.get(name), REGISTRY)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda(name):
+    testing.check_cuda(REGISTRY.get(name), REGISTRY)
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(NAMES, 2)))

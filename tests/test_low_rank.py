@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from autocompress import testing
 from autocompress.measure import flops_per_example
 from autocompress.modeling import config_snapshot, load_compressed, param_count, save_compressed
 from autocompress.pipeline import run_pipeline
@@ -312,10 +311,3 @@ def test_registration():
     assert [t.name for t in seen] == ["low_rank"]
     reg = load_registry(extra_plugins=["plugins.low_rank"])
     assert "low_rank" in reg.names()
-
-
-class TestLowRankContract(testing.TechniqueContract):
-    """The public contract suite (declaration, identity, claimed effects, save/reload, CUDA, composition)."""
-
-    technique = TECH
-    plugins = ("plugins.low_rank", "plugins.weight_sharing")

@@ -263,8 +263,3 @@ def test_registration():
     seen = []
     mod.register_techniques(seen.append)
     assert [t.name for t in seen] == ["movement_pruning"]
-
-
-class TestContract(testing.TechniqueContract):
-    technique = TECH
-    plugins = PLUGINS

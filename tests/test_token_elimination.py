@@ -12,7 +12,6 @@ from autocompress.pipeline import run_pipeline
 from autocompress.registry import load_registry
 from autocompress.surgery import prune_heads
 from autocompress.technique import TechniqueContext, TrainingHooks
-from autocompress.testing import TechniqueContract
 from autocompress.tiny import make_tiny_classifier, tiny_sentences, tiny_vocab
 from autocompress.train import fine_tune
 from plugins.token_elimination import (TokenElimination, TokenEliminationEncoder, monotone, retained,
@@ -350,13 +349,6 @@ def test_depth_change_after_apply_is_reported():
     del model.bert.encoder.layer[-1]
     with pytest.raises(RuntimeError, match="depth"):
         _logits(model, _inputs())
-
-
-class TestTokenEliminationContract(TechniqueContract):
-    """The public contract suite (identity, claimed effects, save/reload, CUDA, composition)."""
-
-    technique = TECH
-    plugins = ["plugins.token_elimination"]
 
 
 def test_ranks_are_a_stable_descending_sort_with_ties_and_infinities():

@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from autocompress import testing
 from autocompress.measure import flops_per_example
 from autocompress.modeling import MODEL_FILE, config_snapshot, load_compressed, param_count, save_compressed
 from autocompress.pipeline import run_pipeline
@@ -268,10 +267,3 @@ def test_registration():
     seen = []
     mod.register_techniques(seen.append)
     assert [t.name for t in seen] == ["weight_sharing"]
-
-
-class TestWeightSharingContract(testing.TechniqueContract):
-    """The public contract suite (declaration, identity, claimed effects, save/reload, CUDA, composition)."""
-
-    technique = TECH
-    plugins = tuple(PLUGINS)
