@@ -71,6 +71,18 @@ def test_changes_are_measured_and_points_match_on_trial_and_parameters():
     assert "joint: A only t #7; B only t #7" in text and "autocompress bench-compare A B" in text
 
 
+def test_a_peer_timed_slower_in_the_final_timing_of_one_run_widens_the_noise():
+    # The same model (a peer) timed 10% slower in one run's final timing, while the baseline's repeated timings
+    # agree: the noise is what that unchanged model moved, not only the baseline's own spread.
+    a, b = _summary(), _summary()
+    a["peers"]["onnxruntime_int8"]["final"] = {"latency_bs32": 2.0, "latency_bs1": 2.0}
+    b["peers"]["onnxruntime_int8"]["final"] = {"latency_bs32": 2.2, "latency_bs1": 2.0}
+    cmp = compare_summaries(a, b)
+    assert cmp["noise_pct"]["latency_bs32"] == pytest.approx(0.2 / 2.1 * 100)
+    assert cmp["noise_pct"]["latency_bs1"] == 20.0  # the baseline's own spread is larger there
+    assert noise_pct(a, key="latency_bs32") == 4.0   # one run alone: only its spread
+
+
 def test_points_without_figures_and_runs_without_spread_say_n_a():
     a = _summary()
     del a["reproducibility"]
