@@ -144,7 +144,8 @@ def bench_compare(
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the Markdown here (default: print it)."),
 ) -> None:
     """Does the benchmark reproduce? Every target, hypervolume, peer and shared front point of two runs of
-    `autocompress bench`, side by side, with the noise read from the runs' repeated baseline timings."""
+    `autocompress bench`, side by side, with the noise read from the runs: the baseline's repeated timings and
+    how far each peer moved between them."""
     from .bench_compare import compare_summaries, comparison_markdown
     from .errors import StudyError
     from .report import _write_text
