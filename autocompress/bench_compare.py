@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Iterable, Mapping, Sequence
 
+from .bench import spread
 from .bench_report import _num
 
 LATENCIES = ("latency_bs32", "latency_bs1")
@@ -62,16 +63,10 @@ def noise_pct(*summaries: Summary, key: str = "latency_bs32") -> float | None:
                     medians.append(m)
     if not spreads:
         return None
-    changes = [_rel_range(medians)]
     peers = [_peer_medians(s, key) for s in summaries]
-    for name in set().union(*peers):
-        changes.append(_rel_range([p[name] for p in peers if name in p]))
-    return max(max(spreads), *changes)
-
-
-def _rel_range(values: Sequence[float]) -> float:
-    """(max - min) / median, in percent; 0 for fewer than two values."""
-    return (max(values) - min(values)) / statistics.median(values) * 100 if len(values) > 1 else 0.0
+    moved = [medians, *([p[name] for p in peers if name in p] for name in set().union(*peers))]
+    # spread_pct is (max - min) / median: the change between the runs of one unchanged model
+    return max(max(spreads), *(spread(v).get("spread_pct") or 0.0 for v in moved))
 
 
 def _point_key(p: Mapping[str, Any]) -> tuple[Any, str]:
